@@ -1,0 +1,1 @@
+"""Datasets: the built-in shapes world, corpus readers and writers."""

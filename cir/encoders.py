@@ -1,0 +1,150 @@
+"""Image and text encoders: open_clip models named by a config string.
+
+Names look like `ViT-B-32` (random weights), `ViT-L-14/openai` (a pretrained tag,
+downloaded on a cluster that reaches the model hub), `ViT-B-32/weights.safetensors`
+(a local weights file), or one of the tiny built-in configs (`cir-tiny`, `cir-small`)
+that are registered with open_clip at import time so that CPU runs need no download.
+An optional `open_clip:` prefix is accepted, as in DESIGN.md.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BUILTIN_CONFIG_DIR = Path(__file__).parent / "model_configs"
+BUILTIN_MODELS = tuple(sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.json")))
+
+
+@dataclass(frozen=True)
+class EncoderName:
+    arch: str
+    pretrained: str | None = None
+
+    def __str__(self) -> str:
+        return self.arch if self.pretrained is None else f"{self.arch}/{self.pretrained}"
+
+
+def parse_encoder_name(name: str) -> EncoderName:
+    """Split `[open_clip:]ARCH[/TAG-or-PATH]` into its parts (no validation)."""
+    if not name or not name.strip():
+        raise ValueError("encoder model name is empty")
+    name = name.strip().removeprefix("open_clip:")
+    arch, _, pretrained = name.partition("/")
+    return EncoderName(arch, pretrained or None)
+
+
+def _open_clip():
+    import open_clip
+    from open_clip import factory
+
+    if str(BUILTIN_CONFIG_DIR) not in map(str, factory._MODEL_CONFIG_PATHS):
+        factory.add_model_config(BUILTIN_CONFIG_DIR)
+    return open_clip
+
+
+def validate_encoder_name(name: str) -> EncoderName:
+    """Fail at once, naming the problem, if `name` is not a model we can build."""
+    parsed = parse_encoder_name(name)
+    open_clip = _open_clip()
+    known = open_clip.list_models()
+    if parsed.arch not in known:
+        raise ValueError(
+            f"unknown encoder model {parsed.arch!r} (from {name!r}); built-in: "
+            f"{', '.join(BUILTIN_MODELS)}; open_clip has {len(known)} others, e.g. "
+            "ViT-B-32, ViT-B-16, ViT-L-14 (see open_clip.list_models())"
+        )
+    tag = parsed.pretrained
+    if tag is not None and not Path(tag).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(parsed.arch)
+        if tag not in tags:
+            raise ValueError(
+                f"encoder {name!r}: {tag!r} is neither a weights file nor a pretrained "
+                f"tag of {parsed.arch} (tags: {', '.join(tags) or 'none'})"
+            )
+    return parsed
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def decode_image(data: bytes):
+    """Decode encoded image bytes to RGB; raises ValueError for anything unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"not a readable image: {exc}") from exc
+
+
+class ClipEncoder:
+    """An open_clip model in eval mode that returns L2-normalised float32 numpy rows."""
+
+    def __init__(self, name: str, device: str | None = None, threads: int | None = None,
+                 precision: str = "fp32"):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        parsed = validate_encoder_name(name)
+        open_clip = _open_clip()
+        self.name = str(parsed)
+        self.device = pick_device(device)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            parsed.arch, pretrained=parsed.pretrained, device=self.device
+        )
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(parsed.arch)
+        self.dim = int(self.model.text_projection.shape[-1]) if hasattr(
+            self.model, "text_projection") and self.model.text_projection is not None else None
+        if self.dim is None:
+            self.dim = int(open_clip.get_model_config(parsed.arch)["embed_dim"])
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.autocast_dtype = torch.bfloat16 if (precision == "bf16" and self.device == "cuda") else None
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+    def encode_images(self, images) -> np.ndarray:
+        """Embed a list of PIL images (already RGB)."""
+        import torch
+
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            feats = self.model.encode_image(pixels, normalize=True)
+        return feats.float().cpu().numpy()
+
+    def encode_texts(self, texts) -> np.ndarray:
+        import torch
+
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            feats = self.model.encode_text(tokens, normalize=True)
+        return feats.float().cpu().numpy()
+
+
+def default_threads() -> int:
+    """Torch threads for an encoder worker: the CPUs Ray gave us, else all cores."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1))

@@ -1,0 +1,39 @@
+"""What every text-generation backend shares: the input contract and the output rows."""
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+from cir import schemas
+
+INPUT_COLUMNS = ("pair_id", "ref_id", "tgt_id", "similarity", "ref_caption", "tgt_caption")
+
+
+def triplet_id(pair_id: str, generator: str, index: int) -> str:
+    """Stable id: the same pair, generator and text index always give the same id."""
+    digest = hashlib.sha1(f"{pair_id}\x1f{generator}\x1f{index}".encode()).hexdigest()[:16]
+    return f"t-{digest}"
+
+
+def triplet_rows(pairs: pa.Table, keep: list[int], texts: list[str], reverse_texts: list,
+                 source: str, generators: list[str], text_index: list[int] | None = None) -> pa.Table:
+    """Triplets-schema rows for the pairs at row positions `keep` of `pairs`."""
+    if not (len(keep) == len(texts) == len(reverse_texts) == len(generators)):
+        raise ValueError("keep, texts, reverse_texts and generators must have equal length")
+    text_index = text_index or [0] * len(keep)
+    pair_ids = pairs.column("pair_id").to_pylist()
+    take = pa.array(keep, type=pa.int64())
+    return pa.table(
+        {
+            "triplet_id": [triplet_id(pair_ids[i], g, j) for i, g, j in zip(keep, generators, text_index)],
+            "ref_id": pairs.column("ref_id").take(take),
+            "tgt_id": pairs.column("tgt_id").take(take),
+            "text": texts,
+            "reverse_text": reverse_texts,
+            "source": [source] * len(keep),
+            "generator": generators,
+            "similarity": pairs.column("similarity").take(take),
+        },
+        schema=schemas.TRIPLETS,
+    )

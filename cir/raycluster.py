@@ -1,0 +1,22 @@
+"""Joining or starting Ray the same way from every job."""
+from __future__ import annotations
+
+import os
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
+    """Join the cluster in `address` / RAY_ADDRESS (as under `ray job submit`), or
+    start a private local one. `address="local"` avoids attaching to a stale
+    cluster-address file left by an earlier `ray start`."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # A private local cluster has no other users: token auth only gets in the way.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    return ray

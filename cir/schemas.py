@@ -1,0 +1,91 @@
+"""Arrow schemas of the tables that pass between jobs (see DESIGN.md, "Data contracts").
+
+Every table is a folder of Parquet shards. Readers check the columns they need with
+`require_columns` so that a wrong file fails with a message naming the missing column,
+not with a KeyError deep inside a Ray task.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+CORPUS = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image", pa.binary()),  # encoded PNG/JPEG bytes; or `path` instead
+        pa.field("caption", pa.string()),
+        pa.field("category", pa.string()),
+    ]
+)
+
+# A corpus may hold file paths instead of image bytes (an image folder, or a Parquet
+# corpus written by another tool).
+CORPUS_BY_PATH = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("path", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("category", pa.string()),
+    ]
+)
+
+PAIRS = pa.schema(
+    [
+        pa.field("pair_id", pa.string(), nullable=False),
+        pa.field("ref_id", pa.string(), nullable=False),
+        pa.field("tgt_id", pa.string(), nullable=False),
+        pa.field("similarity", pa.float32()),
+    ]
+)
+
+TRIPLETS = pa.schema(
+    [
+        pa.field("triplet_id", pa.string(), nullable=False),
+        pa.field("ref_id", pa.string(), nullable=False),
+        pa.field("tgt_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("reverse_text", pa.string()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("generator", pa.string(), nullable=False),
+        pa.field("similarity", pa.float32()),
+    ]
+)
+
+TRIPLET_SOURCES = ("template", "llm", "mtst", "human")
+
+# Schema-metadata keys of the embeddings table.
+META_MODEL = b"cir.model"
+META_DIM = b"cir.dim"
+
+
+def embeddings_schema(dim: int, model: str) -> pa.Schema:
+    """Schema of the embeddings table: L2-normalised float32 vectors of width `dim`."""
+    if dim <= 0:
+        raise ValueError(f"embedding dim must be positive, got {dim}")
+    return pa.schema(
+        [
+            pa.field("image_id", pa.string(), nullable=False),
+            # "element" is the child name Parquet gives list items on read.
+            pa.field("embedding", pa.list_(pa.field("element", pa.float32()), dim)),
+        ],
+        metadata={META_MODEL: model.encode(), META_DIM: str(dim).encode()},
+    )
+
+
+def embeddings_metadata(schema: pa.Schema) -> tuple[str, int]:
+    """(model name, dim) recorded in an embeddings table's schema."""
+    meta = schema.metadata or {}
+    if META_MODEL not in meta or META_DIM not in meta:
+        raise ValueError(
+            "embeddings table has no model/dim metadata "
+            f"(expected schema metadata keys {META_MODEL!r} and {META_DIM!r})"
+        )
+    return meta[META_MODEL].decode(), int(meta[META_DIM])
+
+
+def require_columns(schema: pa.Schema, columns, what: str) -> None:
+    """Raise ValueError naming every column of `columns` that `schema` lacks."""
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise ValueError(
+            f"{what} is missing column(s) {', '.join(missing)}; it has {', '.join(schema.names)}"
+        )

@@ -1,0 +1,250 @@
+"""The synth job: corpus -> embeddings -> pairs -> triplets, on Ray Data.
+
+Each stage writes one table folder under the output directory (see `cir.outputs`):
+a rerun with the same output skips finished stages, and a stage whose settings
+changed is refused rather than silently reused. The caller has done `ray.init()`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cir import schemas
+from cir.data import corpus as corpus_io
+from cir.outputs import OutputDir, parquet_files, read_table, write_table
+from cir.progress import log
+from cir.synth.config import SynthConfig
+
+STAGES = ("corpus", "embeddings", "pairs", "triplets")
+
+
+@dataclass
+class StageResult:
+    rows: int
+    seconds: float
+    path: str
+    skipped: bool
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class SynthSummary:
+    output: str
+    stages: dict[str, StageResult]
+    bad_images: list[dict]
+
+
+def _count_rows(folder: Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(folder))
+
+
+class SynthRun:
+    """One run of the synth job over an output folder."""
+
+    def __init__(self, cfg: SynthConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.out = OutputDir(cfg.output)
+        self.kind = corpus_kind = corpus_io.corpus_kind(cfg.corpus.source)
+        from cir.generate import get_backend
+
+        self.backend = get_backend(cfg.generate.backend)
+        self.corpus_files: list[str] = []
+        self.fingerprints: dict[str, dict] = {}
+        # Fail on bad input before any output exists.
+        if corpus_kind == "parquet":
+            self.corpus_files = corpus_io.parquet_corpus_files(cfg.corpus.source)
+            corpus_io.check_parquet_corpus(self.corpus_files, self.backend.needs_captions)
+        elif corpus_kind == "folder":
+            self.folder_corpus = corpus_io.scan_image_folder(cfg.corpus.source)
+            self._check_folder_captions()
+
+    def _check_folder_captions(self) -> None:
+        if not self.backend.needs_captions:
+            return
+        folder = Path(self.cfg.corpus.source)
+        if corpus_io.read_captions_file(folder) is None:
+            raise ValueError(
+                f"image folder {folder} has no {' or '.join(corpus_io.CAPTION_FILES)}, "
+                f"and the {self.cfg.generate.backend!r} backend needs a caption per image")
+        if self.folder_corpus.column("caption").null_count == self.folder_corpus.num_rows:
+            raise ValueError(f"the captions file in {folder} matches none of its image files")
+
+    # -- stages ---------------------------------------------------------------
+    def run(self) -> SynthSummary:
+        self.out.clean_stale()
+        results = {"corpus": self.stage_corpus()}
+        results["embeddings"] = self.stage_embeddings()
+        results["pairs"] = self.stage_pairs()
+        results["triplets"] = self.stage_triplets()
+        bad = self.out.manifest("embeddings").get("bad_images", [])
+        return SynthSummary(str(self.out.root), results, bad)
+
+    def _run_stage(self, name: str, fingerprint: dict, work) -> StageResult:
+        self.fingerprints[name] = fingerprint
+        path = self.out.path(name)
+        if self.out.done(name):
+            self.out.check_fingerprint(name, fingerprint)
+            m = self.out.manifest(name)
+            log(f"{name}: already done ({m['rows']} rows in {path}), skipping")
+            return StageResult(m["rows"], m["seconds"], str(path), True, m.get("extra", {}))
+        log(f"{name}: starting")
+        t0 = time.perf_counter()
+        with self.out.stage(name, fingerprint) as (tmp, manifest):
+            extra = work(tmp) or {}
+            manifest["rows"] = _count_rows(tmp)
+            manifest["seconds"] = round(time.perf_counter() - t0, 3)
+            manifest["extra"] = {k: v for k, v in extra.items() if k != "bad_images"}
+            manifest["bad_images"] = extra.get("bad_images", [])
+        m = self.out.manifest(name)
+        log(f"{name}: {m['rows']} rows in {m['seconds']:.1f}s -> {path}")
+        return StageResult(m["rows"], m["seconds"], str(path), False, m["extra"])
+
+    def stage_corpus(self) -> StageResult:
+        c = self.cfg.corpus
+        if self.kind == "parquet":
+            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in self.corpus_files)
+            self.fingerprints["corpus"] = {"source": str(Path(c.source).resolve())}
+            return StageResult(rows, 0.0, str(Path(c.source).resolve()), True, {"kind": "parquet"})
+        if self.kind == "shapes":
+            fp = {"source": "shapes", **asdict(c.shapes)}
+
+            def work(tmp: Path):
+                from cir.data.shapes_corpus import write_corpus
+
+                write_corpus(tmp / "shapes", c.shapes.n_images, seed=c.shapes.seed,
+                             image_size=c.shapes.image_size, family_size=c.shapes.family_size)
+                return {"kind": "shapes"}
+        else:
+            fp = {"source": str(Path(c.source).resolve())}
+
+            def work(tmp: Path):
+                write_table(self.folder_corpus, tmp, self.cfg.rows_per_file)
+                return {"kind": "folder"}
+
+        result = self._run_stage("corpus", fp, work)
+        self.corpus_files = [str(f) for f in parquet_files(self.out.path("corpus"))]
+        return result
+
+    def stage_embeddings(self) -> StageResult:
+        e = self.cfg.encode
+        fp = {"model": e.model, "corpus": self.fingerprints["corpus"]}
+
+        def work(tmp: Path):
+            import ray
+
+            from cir.encoders import validate_encoder_name
+            from cir.synth.encode import ImageEmbedder
+
+            schema = pq.read_schema(self.corpus_files[0])
+            columns = ["image_id"] + [c for c in ("image", "path") if c in schema.names]
+            ds = ray.data.read_parquet(self.corpus_files).select_columns(columns)
+            gpus = _gpus_per_actor(e.gpus_per_actor)
+            threads = e.torch_threads or max(1, (os.cpu_count() or 1) // e.num_actors)
+            encoded = ds.map_batches(
+                ImageEmbedder,
+                fn_constructor_kwargs={"model": e.model, "threads": threads,
+                                       "precision": e.precision},
+                batch_size=e.batch_size, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+                num_cpus=e.cpus_per_actor, num_gpus=gpus,
+            ).materialize()
+            from ray.data.expressions import col
+
+            bad = encoded.filter(expr=col("error").is_not_null()).select_columns(["image_id", "error"]).take_all()
+            good = encoded.filter(expr=col("error").is_null()).drop_columns(["error"])
+            dim = good.schema().base_schema.field("embedding").type.list_size
+            name = str(validate_encoder_name(e.model))
+            good.write_parquet(str(tmp), schema=schemas.embeddings_schema(dim, name),
+                               min_rows_per_file=min(self.cfg.rows_per_file, 10_000))
+            for row in bad:
+                log(f"embeddings: skipped {row['image_id']}: {row['error']}")
+            if _count_rows(tmp) == 0:
+                raise ValueError(f"no image of the corpus could be read ({len(bad)} failed)")
+            return {"bad_images": [{"image_id": r["image_id"], "error": r["error"]} for r in bad],
+                    "dim": dim, "model": name, "gpus_per_actor": gpus}
+
+        return self._run_stage("embeddings", fp, work)
+
+    def stage_pairs(self) -> StageResult:
+        m = self.cfg.mine
+        fp = {**asdict(m), "embeddings": self.fingerprints["embeddings"]}
+
+        def work(tmp: Path):
+            from cir.mining import mine_pairs
+
+            ids, vectors = load_embeddings(self.out.path("embeddings"))
+            categories = None
+            if m.same_category:
+                cats = corpus_io.read_captions(self.corpus_files)
+                lookup = dict(zip(cats.column("image_id").to_pylist(), cats.column("category").to_pylist()))
+                categories = [lookup.get(i) for i in ids]
+            pairs = mine_pairs(ids, vectors, m.mining(), categories)
+            write_table(pairs, tmp, self.cfg.rows_per_file)
+            return {"images": len(ids)}
+
+        return self._run_stage("pairs", fp, work)
+
+    def stage_triplets(self) -> StageResult:
+        g = self.cfg.generate
+        fp = {"backend": g.backend, "options": g.options, "pairs": self.fingerprints["pairs"]}
+
+        def work(tmp: Path):
+            import ray
+
+            pairs = with_captions(read_table(self.out.path("pairs")), corpus_io.read_captions(self.corpus_files))
+            if pairs.num_rows == 0:
+                raise ValueError("mining found no pairs in the similarity band; widen mine.band or raise mine.k")
+            n_blocks = max(1, min(pairs.num_rows // g.batch_size, 8 * g.num_actors))
+            step = -(-pairs.num_rows // n_blocks)
+            ds = ray.data.from_arrow([pairs.slice(i, step) for i in range(0, pairs.num_rows, step)])
+            out = ds.map_batches(
+                self.backend, fn_constructor_kwargs=g.options, batch_size=g.batch_size,
+                batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=g.num_actors),
+                **getattr(self.backend, "ray_remote_args", {"num_cpus": 1}),
+            )
+            out.write_parquet(str(tmp), schema=schemas.TRIPLETS,
+                              min_rows_per_file=min(self.cfg.rows_per_file, 10_000))
+            return {"pairs": pairs.num_rows}
+
+        return self._run_stage("triplets", fp, work)
+
+
+def _gpus_per_actor(setting) -> float:
+    import ray
+
+    if setting == "auto":
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return float(setting)
+
+
+def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of an embeddings table, sorted by id so results do not depend
+    on the order Ray Data wrote the shards in."""
+    table = read_table(folder)
+    schemas.embeddings_metadata(table.schema)
+    ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
+    emb = table.column("embedding").combine_chunks()
+    vectors = emb.values.to_numpy(zero_copy_only=False).reshape(len(ids), emb.type.list_size)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], np.ascontiguousarray(vectors[order], dtype=np.float32)
+
+
+def with_captions(pairs: pa.Table, captions: pa.Table) -> pa.Table:
+    """The pairs table with `ref_caption` and `tgt_caption` joined in, in pair order."""
+    caps = captions.select(["image_id", "caption"])
+    out = pairs.append_column("_row", pa.array(np.arange(pairs.num_rows)))
+    out = out.join(caps.rename_columns(["ref_id", "ref_caption"]), keys="ref_id", join_type="left outer")
+    out = out.join(caps.rename_columns(["tgt_id", "tgt_caption"]), keys="tgt_id", join_type="left outer")
+    out = out.sort_by("_row").drop_columns(["_row"])
+    return out.select(["pair_id", "ref_id", "tgt_id", "similarity", "ref_caption", "tgt_caption"])

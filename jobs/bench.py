@@ -1,0 +1,138 @@
+"""Speed and memory, as ratios against a baseline run in the same process.
+
+    python jobs/bench.py                       # everything below, default sizes
+    python jobs/bench.py encode --models cir-tiny ViT-B-32 --images 512
+    python jobs/bench.py mine --sizes 1000 10000 100000
+
+encode: the synth job's Ray Data encode stage (read_parquet -> map_batches over an
+        actor pool -> write_parquet) against a plain in-process loop over the same
+        images, model, batch size and torch threads. Ratio = Ray img/s / loop img/s.
+mine:   FAISS self-kNN time vs corpus size, and the approximate index's recall@k
+        against exact search (on a sample of queries) where it is used.
+Results are printed and written as JSON to --output (default outputs/bench).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+
+def bench_encode(model: str, n_images: int, batch_size: int, threads: int) -> dict:
+    import ray
+    import torch
+
+    from cir.data.shapes_corpus import write_corpus
+    from cir.encoders import ClipEncoder, decode_image
+    from cir.outputs import read_table
+    from cir.synth.encode import ImageEmbedder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = write_corpus(Path(tmp) / "corpus", n_images, seed=123, image_size=224)
+        table = read_table(corpus, columns=["image_id", "image"])
+
+        # Baseline: a plain loop in this process (model load excluded, decode included).
+        torch.set_num_threads(threads)
+        encoder = ClipEncoder(model, threads=threads)
+        images = table.column("image").to_pylist()
+        encoder.encode_images([decode_image(images[0])])  # warm-up
+        t0 = time.perf_counter()
+        for start in range(0, n_images, batch_size):
+            encoder.encode_images([decode_image(b) for b in images[start:start + batch_size]])
+        loop_s = time.perf_counter() - t0
+        del encoder
+
+        # The synth stage: start-up of the actor (model load) included, as a user sees it.
+        t0 = time.perf_counter()
+        ds = ray.data.read_parquet(str(corpus)).select_columns(["image_id", "image"]).map_batches(
+            ImageEmbedder, fn_constructor_kwargs={"model": model, "threads": threads},
+            batch_size=batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+        ds.write_parquet(str(Path(tmp) / "emb"))
+        ray_s = time.perf_counter() - t0
+        rows = sum(1 for _ in (Path(tmp) / "emb").glob("*.parquet"))
+    result = {
+        "model": model, "images": n_images, "batch_size": batch_size, "threads": threads,
+        "loop_img_per_s": n_images / loop_s, "ray_img_per_s": n_images / ray_s,
+        "ratio_ray_over_loop": loop_s / ray_s, "ray_files": rows,
+    }
+    print(f"encode {model}: loop {result['loop_img_per_s']:.1f} img/s, Ray Data "
+          f"{result['ray_img_per_s']:.1f} img/s, ratio {result['ratio_ray_over_loop']:.2f}", flush=True)
+    return result
+
+
+def clustered_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors in families around random centres, like embeddings of a real
+    collection (uniform random vectors have no neighbours worth finding)."""
+    rng = np.random.default_rng(seed)
+    n_centres = max(1, n // 20)
+    centres = rng.normal(size=(n_centres, d)).astype(np.float32)
+    v = centres[rng.integers(n_centres, size=n)] + 0.5 * rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def bench_mine(n: int, d: int, k: int, exact_limit: int, nprobe: int, sample: int = 1000) -> dict:
+    from cir.mining import knn
+
+    v = clustered_vectors(n, d)
+    t0 = time.perf_counter()
+    _, idx = knn(v, k, exact_limit=exact_limit, nprobe=nprobe)
+    seconds = time.perf_counter() - t0
+    result = {"vectors": n, "dim": d, "k": k, "index": "exact" if n <= exact_limit else "ivf",
+              "seconds": seconds}
+    if n > exact_limit:
+        rng = np.random.default_rng(1)
+        queries = rng.choice(n, size=min(sample, n), replace=False)
+        sims = v[queries] @ v.T
+        sims[np.arange(len(queries)), queries] = -np.inf
+        exact = np.argpartition(-sims, k, axis=1)[:, :k]
+        hits = [len(set(exact[i]) & set(idx[q])) for i, q in enumerate(queries)]
+        result["recall_at_k_vs_exact"] = float(np.mean(hits) / k)
+        result["nprobe"] = nprobe
+    print(f"mine {n} x {d}, k={k}: {seconds:.1f}s ({result['index']})"
+          + (f", recall@{k} vs exact {result['recall_at_k_vs_exact']:.3f}" if "recall_at_k_vs_exact" in result else ""),
+          flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="*", default=["encode", "mine"], choices=["encode", "mine"])
+    p.add_argument("--models", nargs="+", default=["cir-tiny", "ViT-B-32"])
+    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--sizes", nargs="+", type=int, default=[1000, 10_000, 100_000])
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--exact-limit", type=int, default=50_000)
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--output", default="outputs/bench")
+    args = p.parse_args(argv)
+
+    results = {}
+    if "encode" in args.what:
+        from cir.raycluster import init_ray
+
+        init_ray()
+        results["encode"] = [bench_encode(m, args.images, args.batch_size, args.threads) for m in args.models]
+    if "mine" in args.what:
+        results["mine"] = [bench_mine(n, args.dim, args.k, args.exact_limit, args.nprobe) for n in args.sizes]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

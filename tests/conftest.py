@@ -1,0 +1,26 @@
+"""Shared fixtures: one local Ray per test session (ray.init costs ~6 s and ~1 GB)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cir-ray-"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2,
+                 include_dashboard=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()
