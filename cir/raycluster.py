@@ -20,3 +20,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return ray
+
+
+def gpus_per_actor(setting) -> float:
+    """GPUs per Ray Data actor from a `gpus_per_actor` setting: a number, or "auto"
+    (1 when the running cluster has GPUs, else 0)."""
+    import ray
+
+    if setting == "auto":
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return float(setting)

@@ -21,6 +21,7 @@ Loader = Callable[[str, "str | Path", "str | Path | None"], Benchmark]
 _LOADERS: dict[str, Loader] = {
     "cirr": load_cirr,
     "circo": load_circo,
+    "shapes": lambda split, root, image_dir=None: __import__("cir.benchmarks.shapes", fromlist=["_"]).load_shapes(split, root, image_dir),  # noqa: E501 (lazy)
 }
 for _cat in FASHIONIQ_CATEGORIES:
     _LOADERS[f"fashioniq-{_cat}"] = (

@@ -60,6 +60,14 @@ def _shapes_texts(ref_caption: str, tgt_caption: str):
     return modification_texts(ref, tgt)
 
 
+def template_texts(ref_caption: str, tgt_caption: str) -> tuple[str, str, str]:
+    """(forward text, reverse text, generator id) for two differing captions."""
+    shapes = _shapes_texts(ref_caption, tgt_caption)
+    if shapes is not None:
+        return shapes[0], shapes[1], GENERATOR_SHAPES
+    return caption_diff_text(ref_caption, tgt_caption), caption_diff_text(tgt_caption, ref_caption), GENERATOR_DIFF
+
+
 class TemplateGenerator:
     """One triplet per pair whose captions differ; pairs without captions are skipped."""
 
@@ -77,13 +85,8 @@ class TemplateGenerator:
         for row, (ref, tgt) in enumerate(zip(refs, tgts)):
             if not ref or not tgt or ref.strip() == tgt.strip():
                 continue
-            shapes = _shapes_texts(ref, tgt)
-            if shapes is not None:
-                forward, reverse = shapes
-                generators.append(GENERATOR_SHAPES)
-            else:
-                forward, reverse = caption_diff_text(ref, tgt), caption_diff_text(tgt, ref)
-                generators.append(GENERATOR_DIFF)
+            forward, reverse, generator = template_texts(ref, tgt)
+            generators.append(generator)
             keep.append(row)
             texts.append(forward)
             reverses.append(reverse)

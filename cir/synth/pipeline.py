@@ -19,6 +19,7 @@ from cir import schemas
 from cir.data import corpus as corpus_io
 from cir.outputs import OutputDir, parquet_files, read_table, write_table
 from cir.progress import log
+from cir.raycluster import gpus_per_actor
 from cir.synth.config import SynthConfig
 
 STAGES = ("corpus", "embeddings", "pairs", "triplets")
@@ -149,7 +150,7 @@ class SynthRun:
             schema = pq.read_schema(self.corpus_files[0])
             columns = ["image_id"] + [c for c in ("image", "path") if c in schema.names]
             ds = ray.data.read_parquet(self.corpus_files).select_columns(columns)
-            gpus = _gpus_per_actor(e.gpus_per_actor)
+            gpus = gpus_per_actor(e.gpus_per_actor)
             threads = e.torch_threads or max(1, (os.cpu_count() or 1) // e.num_actors)
             encoded = ds.map_batches(
                 ImageEmbedder,
@@ -218,14 +219,6 @@ class SynthRun:
             return {"pairs": pairs.num_rows}
 
         return self._run_stage("triplets", fp, work)
-
-
-def _gpus_per_actor(setting) -> float:
-    import ray
-
-    if setting == "auto":
-        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return float(setting)
 
 
 def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray]:
