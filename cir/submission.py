@@ -160,11 +160,8 @@ def write_circo_submission(bench: Benchmark, predictions: Mapping[str, Sequence]
 
 
 # ---- reading ------------------------------------------------------------------------------
-def read_predictions(path: str | Path, bench: Benchmark | None = None) -> dict[str, list[str]]:
-    """{query_id: [image ids as str]} from a predictions or server submission file.
-
-    With `bench`, every query of the split must be present and no other.
-    """
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in a predictions file, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
@@ -174,6 +171,15 @@ def read_predictions(path: str | Path, bench: Benchmark | None = None) -> dict[s
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object {{query_id: [image ids]}}")
+    return data
+
+
+def read_predictions(path: str | Path, bench: Benchmark | None = None) -> dict[str, list[str]]:
+    """{query_id: [image ids as str]} from a predictions or server submission file.
+
+    With `bench`, every query of the split must be present and no other.
+    """
+    data = read_json_object(path)
     out: dict[str, list[str]] = {}
     for key, value in data.items():
         if key in SERVER_KEYS and isinstance(value, str):

@@ -9,6 +9,9 @@ encode: the synth job's Ray Data encode stage (read_parquet -> map_batches over 
         images, model, batch size and torch threads. Ratio = Ray img/s / loop img/s.
 mine:   FAISS self-kNN time vs corpus size, and the approximate index's recall@k
         against exact search (on a sample of queries) where it is used.
+train:  samples/s of the Ray Train + DeepSpeed loop (1 and 2 workers) against a plain
+        single-process loop on the same composer, examples and micro-batch; peak RSS
+        per worker.
 Results are printed and written as JSON to --output (default outputs/bench).
 """
 from __future__ import annotations
@@ -103,9 +106,78 @@ def bench_mine(n: int, d: int, k: int, exact_limit: int, nprobe: int, sample: in
     return result
 
 
+def plain_train_loop(cfg, examples, steps: int) -> dict:
+    """The baseline: one process, torch AdamW, no Ray, no DeepSpeed."""
+    import resource
+
+    import torch
+
+    from cir.losses import LossConfig
+    from cir.models.composer import ComposerConfig, build_composer
+    from cir.train.loop import _batch
+
+    stage = cfg.stages[0]
+    torch.manual_seed(0)
+    model = build_composer(ComposerConfig.from_dict(cfg.model), LossConfig(**stage.loss))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.optim.lr)
+    micro = stage.optim.micro_batch_size
+    rows = examples.to_pydict()
+    batches = [{k: v[i:i + micro] for k, v in rows.items()} for i in range(0, examples.num_rows - micro + 1, micro)]
+    model.train()
+    t0 = None
+    for step in range(steps + 1):
+        if step == 1:
+            t0 = time.perf_counter()  # the first step (allocations, lazy init) is warm-up
+        out = model(_batch(batches[step % len(batches)]))
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    return {"samples_per_s": steps * micro / seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_train(config: str, steps: int, storage: str) -> dict:
+    from cir.config import load_config
+    from cir.train.config import TrainConfig
+    from cir.train.run import build_examples, run_training
+
+    base = load_config(TrainConfig, config)
+    stage = base.stages[0]
+    examples = build_examples(stage.data, base.model.get("vision", "cir-tiny"))
+    torch_threads = os.cpu_count() or 1
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    plain = plain_train_loop(base, examples, steps)
+    result = {"config": config, "micro_batch_size": stage.optim.micro_batch_size,
+              "plain": plain}
+    for workers in (1, 2):
+        name = f"bench-{workers}w-{time.strftime('%H%M%S')}"
+        cfg = load_config(TrainConfig, config, [
+            ("run.name", name), ("run.storage", storage), ("run.num_workers", workers),
+            ("run.eval_every", 0), ("run.checkpoint_every", 10**9), ("run.report_every", max(1, steps // 2)),
+            ("stages", [{**_stage_dict(stage), "optim": {**_stage_dict(stage)["optim"], "max_steps": steps + max(1, steps // 2)}}])])
+        run_training(cfg)
+        history = json.loads((Path(storage) / name / stage.name / "history.json").read_text())
+        timed = [h for h in history if "samples_per_s" in h][1:]  # the first window holds start-up
+        rate = float(np.mean([h["samples_per_s"] for h in timed]))
+        result[f"ray_{workers}w"] = {"samples_per_s": rate, "ratio_vs_plain": rate / plain["samples_per_s"],
+                                     "peak_rss_mb_per_worker": max(h["peak_rss_mb"] for h in history if "peak_rss_mb" in h)}
+        print(f"train {workers} worker(s): {rate:.1f} samples/s = {rate / plain['samples_per_s']:.2f}x plain "
+              f"({plain['samples_per_s']:.1f}/s)", flush=True)
+    return result
+
+
+def _stage_dict(stage) -> dict:
+    from dataclasses import asdict
+
+    return asdict(stage)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="*", default=["encode", "mine"], choices=["encode", "mine"])
+    p.add_argument("what", nargs="*", default=["encode", "mine", "train"], choices=["encode", "mine", "train"])
     p.add_argument("--models", nargs="+", default=["cir-tiny", "ViT-B-32"])
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
@@ -115,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--exact-limit", type=int, default=50_000)
     p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--train-config", default="configs/train/shapes_A.yaml")
+    p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--output", default="outputs/bench")
     args = p.parse_args(argv)
 
@@ -124,6 +198,11 @@ def main(argv=None) -> int:
 
         init_ray()
         results["encode"] = [bench_encode(m, args.images, args.batch_size, args.threads) for m in args.models]
+    if "train" in args.what:
+        from cir.raycluster import init_ray
+
+        init_ray()
+        results["train"] = bench_train(args.train_config, args.train_steps, str(Path(args.output).resolve() / "runs"))
     if "mine" in args.what:
         results["mine"] = [bench_mine(n, args.dim, args.k, args.exact_limit, args.nprobe) for n in args.sizes]
     out = Path(args.output)

@@ -1,7 +1,6 @@
 """Predictions mode: ranked ids per query from JSON files, scored without a model."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -10,18 +9,7 @@ from cir.benchmarks.base import Benchmark
 from cir.evaluation.config import EvalConfig
 from cir.evaluation.data import load_benchmarks
 from cir.evaluation.score import BenchResult, EvalResult, _headline
-
-
-def _read_json_object(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"predictions file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object {{query_id: [image ids]}}")
-    return data
+from cir.submission import read_json_object
 
 
 def _split_by_benchmark(preds: Mapping[str, list[str]], benches: Sequence[Benchmark], path: Path):
@@ -65,7 +53,7 @@ def evaluate_prediction_files(cfg: EvalConfig, benches: Mapping[str, Benchmark] 
     benches = load_benchmarks(cfg) if benches is None else benches
     blist = list(benches.values())
     path = Path(cfg.predictions)
-    raw = _read_json_object(path)
+    raw = read_json_object(path)
     if raw.get("metric") == "recall_subset":
         raise ValueError(f"{path} is a CIRR recall_subset file: pass it as --subset-predictions, "
                          "and the recall file as --predictions")
@@ -75,7 +63,7 @@ def evaluate_prediction_files(cfg: EvalConfig, benches: Mapping[str, Benchmark] 
         spath = Path(cfg.subset_predictions)
         if any(b.protocol != "cirr" for b in blist):
             raise ValueError("--subset-predictions applies to CIRR only")
-        if _read_json_object(spath).get("metric") == "recall":
+        if read_json_object(spath).get("metric") == "recall":
             raise ValueError(f"{spath} is a CIRR recall file, not a recall_subset one")
         subset_parts = _split_by_benchmark(read_predictions(spath), blist, spath)
     results, info = [], {}

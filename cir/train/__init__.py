@@ -1,0 +1,1 @@
+"""Composer training on Ray Train: triplet sources, the worker loop, stage chaining."""

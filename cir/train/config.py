@@ -1,0 +1,109 @@
+"""Configuration of `jobs/train.py`: shared model / distribution / run settings, and
+a list of stages (e.g. `pretrain` on synthetic triplets, then `finetune` on the
+benchmark), each starting from the previous stage's exported model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SOURCES = ("synth", "slerp", "benchmark")
+
+
+@dataclass
+class DataConfig:
+    source: str = "benchmark"          # synth | slerp | benchmark
+    synth_dir: str | None = None       # jobs/synth.py output (synth and slerp sources)
+    benchmark: str = "shapes"
+    benchmark_dir: str = "outputs/shapes-benchmark"
+    split: str = "train"
+    limit: int | None = None           # at most this many examples
+    slerp_alpha: float = 0.5           # CoLLM: 0.5 is best
+    synthetic_share: float = 0.75      # CoLLM: ~75% of samples with synthetic text
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"{where}.data.source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.source in ("synth", "slerp") and not self.synth_dir:
+            raise ValueError(f"{where}.data.synth_dir is required for source {self.source!r} "
+                             "(the output folder of jobs/synth.py)")
+        if self.source == "benchmark" and self.benchmark != "shapes":
+            raise ValueError(f"{where}.data.benchmark {self.benchmark!r}: only 'shapes' train splits "
+                             "are wired here; CIRR/FashionIQ need their images (see README)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    epochs: int = 1
+    max_steps: int | None = None       # caps epochs * steps_per_epoch
+    micro_batch_size: int = 64         # per worker
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    name: str = "finetune"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: dict = field(default_factory=lambda: {"objective": "infonce"})  # cir.losses.LossConfig
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = True               # False: plain DDP
+    zero_stage: int = 2
+    precision: str = "fp32"            # fp32 | bf16 | fp16 (bf16/fp16 on GPUs)
+
+
+@dataclass
+class RunSettings:
+    name: str = "shapes-A"
+    storage: str = "outputs/runs"
+    num_workers: int = 2
+    use_gpu: bool | str = "auto"
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0             # 0: the node's cores shared among the workers
+    report_every: int = 10
+    checkpoint_every: int = 50
+    eval_every: int = 50               # recall on the benchmark's val split (rank-wide)
+    eval_split: str = "val"
+    eval_limit: int = 300
+    max_failures: int = 0
+    fail_at_step: int | None = None    # testing: raise once at this step of a fresh start
+
+
+@dataclass
+class TrainConfig:
+    model: dict = field(default_factory=lambda: {"vision": "cir-tiny", "llm": "builtin:tiny-bert"})
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
+    def validate(self) -> None:
+        from cir.losses import LossConfig
+        from cir.models.composer import ComposerConfig
+
+        ComposerConfig.from_dict(self.model)
+        if not self.stages:
+            raise ValueError("stages: at least one stage is needed")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        for stage in self.stages:
+            where = f"stages[{stage.name}]"
+            stage.data.validate(where)
+            LossConfig(**stage.loss)
+            o = stage.optim
+            if o.micro_batch_size < 2:
+                raise ValueError(f"{where}.optim.micro_batch_size must be >= 2 (in-batch negatives)")
+            if o.lr <= 0 or o.epochs < 1 or o.grad_accum < 1:
+                raise ValueError(f"{where}.optim: lr > 0, epochs >= 1 and grad_accum >= 1 are required")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
+        if self.deepspeed.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"deepspeed.precision must be fp32, bf16 or fp16, got {self.deepspeed.precision!r}")
+        if self.run.num_workers < 1:
+            raise ValueError("run.num_workers must be >= 1")

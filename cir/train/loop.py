@@ -1,0 +1,171 @@
+"""The Ray Train worker loop of one training stage.
+
+Every worker: builds the composer (from the previous stage's export when chained),
+wraps it in an `Engine` (DeepSpeed or DDP), restores the latest checkpoint if the
+run has one, then steps through its shard of the examples. Steps are counted in
+optimizer steps; a resumed run skips the micro-batches of the epoch it had already
+consumed, so no step is lost or repeated. Metrics go to `ray.train.report` every
+`report_every` steps, checkpoints every `checkpoint_every` steps, and the last report
+carries the exported model (safetensors + JSON) as its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cir.config import from_dict
+from cir.train.config import DeepSpeedConfig, RunSettings, StageConfig
+
+
+def _batch(rows: dict) -> dict:
+    from cir.train.sources import feature_matrix
+
+    reverse = rows.get("reverse_text")
+    return {
+        "ref_feats": torch.from_numpy(np.array(feature_matrix(rows["ref_feat"]))),
+        "tgt_feats": torch.from_numpy(np.array(feature_matrix(rows["tgt_feat"]))),
+        "texts": [str(t) for t in rows["text"]],
+        "reverse_texts": None if reverse is None else [None if t is None else str(t) for t in reverse],
+    }
+
+
+@torch.no_grad()
+def evaluate_recall(module, val: dict, ks=(1, 5, 10), batch_size: int = 128) -> dict:
+    """Recall@k of composed queries against the split's gallery, reference excluded."""
+    was_training = module.training
+    module.eval()
+    gallery = torch.cat([module.encode_target(torch.tensor(val["gallery"][i:i + batch_size]))
+                         for i in range(0, len(val["gallery"]), batch_size)])
+    queries = torch.cat([module.encode_composed(torch.tensor(val["ref_feats"][i:i + batch_size]),
+                                                val["texts"][i:i + batch_size])
+                         for i in range(0, len(val["texts"]), batch_size)])
+    scores = queries @ gallery.T
+    scores[torch.arange(len(scores)), torch.from_numpy(val["ref_index"])] = -float("inf")
+    target = torch.from_numpy(val["tgt_index"])
+    rank = (scores > scores[torch.arange(len(scores)), target][:, None]).sum(1)
+    module.train(was_training)
+    return {f"val_recall@{k}": float((rank < k).float().mean() * 100) for k in ks}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from cir.losses import LossConfig
+    from cir.models.composer import ComposerConfig, build_composer
+    from cir.models.export import export_composer
+    from cir.train.engine import Engine
+
+    stage = from_dict(StageConfig, config["stage"], "stage")
+    run = from_dict(RunSettings, config["run"], "run")
+    ds_settings = from_dict(DeepSpeedConfig, config["deepspeed"], "deepspeed")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(run.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    _seed_everything(stage.data.seed)
+    device = ray.train.torch.get_device()
+
+    model = build_composer(ComposerConfig.from_dict(config["model"]), LossConfig(**stage.loss))
+    if config.get("init_from"):
+        from safetensors.torch import load_model
+
+        load_model(model, str(Path(config["init_from"]) / "model.safetensors"), strict=True)
+    total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
+    engine = Engine(model.to(device), stage, ds_settings, world, total_steps, device)
+
+    start_step, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = engine.load(Path(folder))
+        start_step, history = state["step"], state.get("history", [])
+    val = ray.get(config["val"]) if config.get("val") is not None else None
+
+    shard = ray.train.get_dataset_shard("train")
+    accum, micro = stage.optim.grad_accum, stage.optim.micro_batch_size
+    step, losses, t_window = start_step, [], time.perf_counter()
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        batches = shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=8 * micro,
+                                     local_shuffle_seed=stage.data.seed + epoch)
+        for i, rows in enumerate(batches):
+            if i >= steps_per_epoch * accum:
+                break  # equal step counts on every rank, whatever the shard sizes
+            if i < done_in_epoch * accum:
+                continue  # consumed before the checkpoint we resumed from
+            out = engine.train_micro_batch(_batch(rows))
+            losses.append(float(out["loss"].detach()))
+            if (i + 1) % accum:
+                continue
+            step += 1
+            if run.fail_at_step is not None and step == run.fail_at_step and start_step == 0:
+                raise RuntimeError(f"fail_at_step={step}: simulated worker failure")
+            final = step == total_steps
+            metrics = None
+            if step % run.report_every == 0 or final:
+                seconds = time.perf_counter() - t_window
+                metrics = {"step": step, "epoch": epoch, "loss": float(np.mean(losses)), "lr": engine.lr(),
+                           "samples_per_s": len(losses) * micro * world / max(seconds, 1e-9),
+                           "peak_rss_mb": _peak_rss_mb()}
+                losses, t_window = [], time.perf_counter()
+            if val is not None and (step % run.eval_every == 0 or final):
+                metrics = {**(metrics or {"step": step}), **evaluate_recall(engine.module, val)}
+            if metrics:
+                history.append(metrics)
+            if final:
+                _report_final(engine, metrics, history, rank, export_composer, Checkpoint)
+                return
+            if step % run.checkpoint_every == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    engine.save(Path(tmp), {"step": step, "history": history}, rank)
+                    ray.train.report(metrics or {"step": step}, checkpoint=Checkpoint.from_directory(tmp))
+            elif metrics:
+                ray.train.report(metrics)
+            if step >= total_steps:
+                break
+
+
+def _report_final(engine, metrics, history, rank, export_composer, Checkpoint) -> None:
+    """The last checkpoint: training state (so a re-run is a no-op) + the export."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        engine.save(folder, {"step": metrics["step"], "history": history, "final": True}, rank)
+        with _gathered(engine):
+            if rank == 0:
+                export_composer(engine.module, out_dir=folder / "export")
+                (folder / "history.json").write_text(json.dumps(history, indent=2))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _gathered(engine):
+    """Full parameters on every rank for export (ZeRO-3 partitions them)."""
+    import contextlib
+
+    if engine.deepspeed and engine.engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()

@@ -1,0 +1,173 @@
+"""Driver side of `jobs/train.py`: examples, Ray Train `TorchTrainer`, stage chaining.
+
+Layout under `run.storage`/`run.name`/: one folder per stage holding Ray Train's
+checkpoints, `export/` (the stage's model: safetensors + JSON, what evaluation and
+serving load), `history.json` and `curve.png`. A stage whose export exists is done;
+re-running the job with the same name resumes the first unfinished stage from its
+latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from cir.progress import log
+from cir.train.config import DataConfig, StageConfig, TrainConfig
+
+
+def shapes_benchmark_root(benchmark_dir: str) -> Path:
+    from cir.evaluation.config import DEFAULT_SHAPES_DIR, EvalConfig
+    from cir.evaluation.data import ensure_shapes_benchmark
+
+    default = Path(benchmark_dir).resolve() == Path(DEFAULT_SHAPES_DIR).resolve()
+    return ensure_shapes_benchmark(EvalConfig(data=None if default else benchmark_dir))
+
+
+def build_examples(data: DataConfig, vision: str) -> pa.Table:
+    from cir.train import sources
+
+    if data.source == "synth":
+        return sources.synth_triplets(data.synth_dir, vision, data.limit)
+    if data.source == "slerp":
+        return sources.slerp_triplets(data.synth_dir, vision, data.slerp_alpha, data.synthetic_share,
+                                      data.seed, data.limit)
+    root = shapes_benchmark_root(data.benchmark_dir)
+    return sources.benchmark_triplets(root, vision, data.split, data.limit)
+
+
+def build_val(benchmark_dir: str, vision: str, split: str, limit: int) -> dict:
+    """Features, texts and indices of the val split, for recall during training."""
+    from cir.data.shapes_corpus import read_benchmark_split
+    from cir.train.sources import encode_images
+
+    gallery, queries = read_benchmark_split(shapes_benchmark_root(benchmark_dir), split)
+    queries = queries.slice(0, limit)
+    index = {i: n for n, i in enumerate(gallery.column("image_id").to_pylist())}
+    feats = encode_images(gallery.column("image").to_pylist(), vision)
+    ref = np.array([index[i] for i in queries.column("ref_id").to_pylist()])
+    return {"gallery": feats, "ref_feats": feats[ref], "ref_index": ref,
+            "tgt_index": np.array([index[i] for i in queries.column("tgt_id").to_pylist()]),
+            "texts": queries.column("text").to_pylist()}
+
+
+def schedule(n_examples: int, stage: StageConfig, world: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): every rank takes the same number of steps."""
+    o = stage.optim
+    per_step = world * o.micro_batch_size * o.grad_accum
+    steps_per_epoch = n_examples // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"stage {stage.name!r}: {n_examples} examples are fewer than one step "
+                         f"needs ({world} workers x {o.micro_batch_size} x {o.grad_accum})")
+    total = steps_per_epoch * o.epochs
+    return steps_per_epoch, min(total, o.max_steps) if o.max_steps else total
+
+
+def _use_gpu(setting) -> bool:
+    import ray
+
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return bool(setting)
+
+
+def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> Path:
+    """Train one stage (or resume it); returns its export folder."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cir.train.loop import train_loop_per_worker
+
+    run_dir = Path(cfg.run.storage).resolve() / cfg.run.name
+    stage_dir = run_dir / stage.name
+    export = stage_dir / "export"
+    if (export / "config.json").is_file():
+        log(f"stage {stage.name}: already exported at {export}, skipping")
+        return export
+    vision = cfg.model.get("vision", "cir-tiny")
+    examples = build_examples(stage.data, vision)
+    steps_per_epoch, total = schedule(examples.num_rows, stage, cfg.run.num_workers)
+    log(f"stage {stage.name}: {examples.num_rows} examples ({stage.data.source}), "
+        f"{steps_per_epoch} steps/epoch, {total} steps on {cfg.run.num_workers} workers")
+    val = None
+    if cfg.run.eval_every and stage.data.benchmark == "shapes":
+        val = ray.put(build_val(stage.data.benchmark_dir, vision, cfg.run.eval_split, cfg.run.eval_limit))
+    n_blocks = max(cfg.run.num_workers * 4, examples.num_rows // 2048)
+    step = -(-examples.num_rows // n_blocks)
+    dataset = ray.data.from_arrow([examples.slice(i, step) for i in range(0, examples.num_rows, step)])
+    use_gpu = _use_gpu(cfg.run.use_gpu)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "stage": asdict(stage), "run": asdict(cfg.run), "deepspeed": asdict(cfg.deepspeed),
+            "model": cfg.model, "init_from": str(init_from) if init_from else None,
+            "total_steps": total, "steps_per_epoch": steps_per_epoch, "val": val,
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker,
+                                                           **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=stage.name, storage_path=str(run_dir),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        _install(Path(folder) / "export", export)
+        history = json.loads((Path(folder) / "history.json").read_text())
+    (stage_dir / "history.json").write_text(json.dumps(history, indent=2))
+    plot_curve(history, stage_dir / "curve.png", f"{cfg.run.name} / {stage.name}")
+    log(f"stage {stage.name}: exported to {export}")
+    return export
+
+
+def _install(src: Path, dst: Path) -> None:
+    """Copy a finished export into place atomically (temp name, then rename)."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def plot_curve(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if pts:
+        ax.plot(*zip(*pts), color="tab:blue", label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    recall = [(h["step"], h["val_recall@1"], h["val_recall@10"]) for h in history if "val_recall@1" in h]
+    if recall:
+        ax2 = ax.twinx()
+        steps, r1, r10 = zip(*recall)
+        ax2.plot(steps, r1, color="tab:orange", marker="o", label="val R@1")
+        ax2.plot(steps, r10, color="tab:green", marker="o", label="val R@10")
+        ax2.set_ylabel("recall (%)")
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run_training(cfg: TrainConfig) -> Path:
+    """All stages in order, each from the previous stage's export; returns the last."""
+    init_from = None
+    for stage in cfg.stages:
+        init_from = run_stage(cfg, stage, init_from)
+    return init_from

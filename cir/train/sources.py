@@ -1,0 +1,167 @@
+"""Triplet sources for composer training, as one table of training examples.
+
+Every source yields the same columns: `ref_feat` and `tgt_feat` (pooled image
+embeddings of the composer's frozen vision tower, fixed_size_list<float32>[d]),
+`text`, `reverse_text` (the target -> reference text, for PTHA; may be null) and
+`source`. With the vision tower frozen its output is a pure function of the image,
+so it is computed once per image (by the synth job's embeddings stage, or by
+`encode_images` here) instead of once per step.
+
+* `synth_triplets`: the triplets table of `jobs/synth.py` joined with its embeddings.
+* `slerp_triplets`: CoLLM's on-the-fly triplets from a corpus and its embeddings:
+  the reference embedding is a Slerp between an image's embedding and its nearest
+  neighbour's, the text comes from caption templates (`synthetic_share` of samples)
+  or is the target's own caption.
+* `benchmark_triplets`: a benchmark's annotated train split (the shapes benchmark here;
+  CIRR / FashionIQ through `cir.benchmarks` when their images are given).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from cir import schemas
+from cir.outputs import read_table
+
+EXAMPLE_COLUMNS = ("ref_feat", "tgt_feat", "text", "reverse_text", "source")
+
+
+def feature_array(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def feature_matrix(column) -> np.ndarray:
+    """[n, d] float32 from a fixed_size_list column (pyarrow) or an object array of rows."""
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        return arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+    return np.stack(column).astype(np.float32, copy=False)
+
+
+def examples_table(ref: np.ndarray, tgt: np.ndarray, texts, reverse_texts, source: str) -> pa.Table:
+    if not (len(ref) == len(tgt) == len(texts) == len(reverse_texts)):
+        raise ValueError("ref, tgt, texts and reverse_texts must have equal length")
+    return pa.table({
+        "ref_feat": feature_array(ref), "tgt_feat": feature_array(tgt),
+        "text": pa.array(texts, pa.string()), "reverse_text": pa.array(reverse_texts, pa.string()),
+        "source": pa.array([source] * len(texts), pa.string()),
+    })
+
+
+def check_encoder(table_schema: pa.Schema, vision_model: str, where: str) -> None:
+    model, _ = schemas.embeddings_metadata(table_schema)
+    if model != vision_model:
+        raise ValueError(
+            f"{where} holds embeddings of {model!r} but the composer's vision tower is "
+            f"{vision_model!r}; re-run the synth job with --model {vision_model} or change model.vision")
+
+
+def _embedding_lookup(folder: Path, vision_model: str):
+    table = read_table(folder)
+    check_encoder(table.schema, vision_model, str(folder))
+    ids = table.column("image_id").to_pylist()
+    return {i: n for n, i in enumerate(ids)}, feature_matrix(table.column("embedding"))
+
+
+def synth_triplets(synth_dir: str | Path, vision_model: str, limit: int | None = None) -> pa.Table:
+    """Training examples from a synth job's output folder (triplets + embeddings)."""
+    synth_dir = Path(synth_dir)
+    for stage in ("triplets", "embeddings"):
+        if not (synth_dir / stage / "_SUCCESS.json").is_file():
+            raise FileNotFoundError(f"{synth_dir / stage} is not a finished synth table; run jobs/synth.py first")
+    index, vectors = _embedding_lookup(synth_dir / "embeddings", vision_model)
+    triplets = read_table(synth_dir / "triplets").sort_by("triplet_id")
+    if limit:
+        triplets = triplets.slice(0, limit)
+    ref = np.array([index[i] for i in triplets.column("ref_id").to_pylist()])
+    tgt = np.array([index[i] for i in triplets.column("tgt_id").to_pylist()])
+    return examples_table(vectors[ref], vectors[tgt], triplets.column("text").to_pylist(),
+                          triplets.column("reverse_text").to_pylist(), "synth")
+
+
+def slerp(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
+    """Spherical interpolation between rows of unit vectors (numpy; see cir.losses.slerp)."""
+    dot = np.clip((a * b).sum(-1, keepdims=True), -1.0, 1.0)
+    omega = np.arccos(dot)
+    sin = np.sin(omega)
+    near = sin < 1e-6
+    safe = np.where(near, 1.0, sin)
+    out = np.where(near, (1 - alpha) * a + alpha * b,
+                   (np.sin((1 - alpha) * omega) * a + np.sin(alpha * omega) * b) / safe)
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+def slerp_triplets(synth_dir: str | Path, vision_model: str, alpha: float = 0.5,
+                   synthetic_share: float = 0.75, seed: int = 0, limit: int | None = None) -> pa.Table:
+    """CoLLM's triplets from a corpus (captions) and its embeddings, no pairs needed.
+
+    For image t with nearest neighbour n: reference = slerp(e_t, e_n, alpha), target = e_t.
+    With probability `synthetic_share` the text is the template modification text from
+    n's caption to t's caption (what changes from the neighbour), else t's caption.
+    """
+    from cir.data.corpus import read_captions
+    from cir.generate.template import template_texts
+    from cir.mining import knn
+    from cir.outputs import parquet_files
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"slerp alpha must be in [0, 1], got {alpha}")
+    if not 0.0 <= synthetic_share <= 1.0:
+        raise ValueError(f"synthetic_share must be in [0, 1], got {synthetic_share}")
+    synth_dir = Path(synth_dir)
+    index, vectors = _embedding_lookup(synth_dir / "embeddings", vision_model)
+    ids = list(index)
+    corpus_files = [str(f) for f in parquet_files(synth_dir / "corpus")]
+    if not corpus_files:
+        raise FileNotFoundError(f"{synth_dir / 'corpus'} holds no corpus table (captions are needed)")
+    caps = read_captions(corpus_files)
+    caption_of = dict(zip(caps.column("image_id").to_pylist(), caps.column("caption").to_pylist()))
+    _, nn = knn(vectors, 1)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(ids))[: limit or len(ids)]
+    ref_rows, tgt_rows, texts, reverses = [], [], [], []
+    for t in order:
+        n = int(nn[t, 0])
+        cap_t, cap_n = caption_of.get(ids[t]), caption_of.get(ids[n])
+        if n < 0 or not cap_t or not cap_n or cap_t == cap_n:
+            continue
+        if rng.random() < synthetic_share:
+            forward, reverse, _ = template_texts(cap_n, cap_t)
+        else:
+            forward, reverse = cap_t, cap_n
+        ref_rows.append(slerp(vectors[t], vectors[n], alpha))
+        tgt_rows.append(vectors[t])
+        texts.append(forward)
+        reverses.append(reverse)
+    if not texts:
+        raise ValueError(f"no Slerp triplets could be made from {synth_dir} (captions missing?)")
+    return examples_table(np.stack(ref_rows), np.stack(tgt_rows), texts, reverses, "slerp")
+
+
+def encode_images(image_bytes: list[bytes], vision_model: str, batch_size: int = 256) -> np.ndarray:
+    """Pooled, normalised embeddings of encoded images with the composer's vision tower."""
+    from cir.encoders import ClipEncoder, decode_image
+
+    encoder = ClipEncoder(vision_model)
+    out = [encoder.encode_images([decode_image(b) for b in image_bytes[i:i + batch_size]])
+           for i in range(0, len(image_bytes), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+
+
+def benchmark_triplets(root: str | Path, vision_model: str, split: str = "train",
+                       limit: int | None = None) -> pa.Table:
+    """Training examples from the shapes benchmark's annotated split."""
+    from cir.data.shapes_corpus import read_benchmark_split
+
+    gallery, queries = read_benchmark_split(root, split)
+    if limit:
+        queries = queries.slice(0, limit)
+    index = {i: n for n, i in enumerate(gallery.column("image_id").to_pylist())}
+    vectors = encode_images(gallery.column("image").to_pylist(), vision_model)
+    ref = np.array([index[i] for i in queries.column("ref_id").to_pylist()])
+    tgt = np.array([index[i] for i in queries.column("tgt_id").to_pylist()])
+    return examples_table(vectors[ref], vectors[tgt], queries.column("text").to_pylist(),
+                          queries.column("reverse_text").to_pylist(), f"benchmark:{split}")

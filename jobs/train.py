@@ -1,0 +1,62 @@
+"""Train the composed-query encoder (LLM composer, LoRA) on Ray Train + DeepSpeed.
+
+    python jobs/train.py --config configs/train/shapes_A.yaml
+    ray job submit --working-dir . -- python jobs/train.py --config configs/train/shapes_B.yaml
+
+Stages run in order, each from the previous stage's export (e.g. pretrain on synthetic
+triplets, then finetune on the benchmark). Re-running with the same run name resumes
+from the latest checkpoint; finished stages are skipped. See cir/train/run.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cir.config import load_config, parse_override  # noqa: E402
+from cir.train.config import TrainConfig  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/train/shapes_A.yaml")
+    p.add_argument("--name", help="run name (overrides run.name); same name = resume")
+    p.add_argument("--storage", help="where runs live (overrides run.storage)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config value, e.g. --set run.num_workers=4 (repeatable)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        overrides = [parse_override(o) for o in args.overrides]
+        if args.name:
+            overrides.append(("run.name", args.name))
+        if args.storage:
+            overrides.append(("run.storage", args.storage))
+        cfg = load_config(TrainConfig, args.config, overrides)
+        cfg.validate()
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
+    from cir.raycluster import init_ray
+    from cir.train.run import run_training
+
+    t0 = time.perf_counter()
+    init_ray(args.address)
+    export = run_training(cfg)
+    run_dir = Path(cfg.run.storage).resolve() / cfg.run.name
+    print(f"\ntrain finished in {time.perf_counter() - t0:.1f}s; final model: {export}")
+    for stage in cfg.stages:
+        print(f"  {stage.name}: {run_dir / stage.name} (export/, history.json, curve.png)")
+    print(f"evaluate with: python jobs/eval.py --benchmark shapes --model checkpoint:{export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
