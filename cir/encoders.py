@@ -17,14 +17,21 @@ import numpy as np
 
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "model_configs"
 BUILTIN_MODELS = tuple(sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.json")))
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# Short names for shipped weights: name -> (architecture, weights file). `cir-shapes`
+# is a tiny CLIP trained on the shapes world by jobs/train_clip.py (cir/weights/README.md).
+SHIPPED = {"cir-shapes": ("cir-shapes", WEIGHTS_DIR / "cir-shapes.safetensors")}
 
 
 @dataclass(frozen=True)
 class EncoderName:
     arch: str
     pretrained: str | None = None
+    alias: str | None = None  # the short name of shipped weights, e.g. "cir-shapes"
 
     def __str__(self) -> str:
+        if self.alias:
+            return self.alias
         return self.arch if self.pretrained is None else f"{self.arch}/{self.pretrained}"
 
 
@@ -33,6 +40,9 @@ def parse_encoder_name(name: str) -> EncoderName:
     if not name or not name.strip():
         raise ValueError("encoder model name is empty")
     name = name.strip().removeprefix("open_clip:")
+    if name in SHIPPED:
+        arch, weights = SHIPPED[name]
+        return EncoderName(arch, str(weights), alias=name)
     arch, _, pretrained = name.partition("/")
     return EncoderName(arch, pretrained or None)
 
