@@ -285,6 +285,14 @@ class Composer(nn.Module):
         vt = self._visual_tokens(self.adapter, image_feats)
         return self._run(self.cfg.composed_template, list(texts), vt, len(texts))
 
+    def encode_query(self, image_feats: torch.Tensor, texts) -> torch.Tensor:
+        """The retrieval query of (reference, text): the composed query, or under PTHA
+        (the objective this model was last trained with) hop 2 over the hop-1 prototype,
+        since that is the query PTHA aligns with the target."""
+        if self.loss_cfg.objective == "ptha" and self.prototype_adapter is not None:
+            return self.encode_prototype_composed(self.encode_composed(image_feats, texts), texts)
+        return self.encode_composed(image_feats, texts)
+
     def encode_image_query(self, image_feats: torch.Tensor) -> torch.Tensor:
         vt = self._visual_tokens(self.adapter, image_feats)
         return self._run(self.cfg.image_template, None, vt, image_feats.shape[0])

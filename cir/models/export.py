@@ -197,6 +197,6 @@ class ComposerQueryEncoder:
                     elif kind == "image":
                         q = m.encode_image_query(self._feats([ref_images[i] for i in idx]))
                     else:
-                        q = m.encode_composed(self._feats([ref_images[i] for i in idx]), [texts[i] for i in idx])
+                        q = m.encode_query(self._feats([ref_images[i] for i in idx]), [texts[i] for i in idx])
                     out[idx] = q.float().cpu().numpy()
         return out

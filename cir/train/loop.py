@@ -42,7 +42,7 @@ def evaluate_recall(module, val: dict, ks=(1, 5, 10), batch_size: int = 128) -> 
     module.eval()
     gallery = torch.cat([module.encode_target(torch.tensor(val["gallery"][i:i + batch_size]))
                          for i in range(0, len(val["gallery"]), batch_size)])
-    queries = torch.cat([module.encode_composed(torch.tensor(val["ref_feats"][i:i + batch_size]),
+    queries = torch.cat([module.encode_query(torch.tensor(val["ref_feats"][i:i + batch_size]),
                                                 val["texts"][i:i + batch_size])
                          for i in range(0, len(val["texts"]), batch_size)])
     scores = queries @ gallery.T
