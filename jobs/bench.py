@@ -137,7 +137,7 @@ def plain_train_loop(cfg, examples, steps: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def bench_train(config: str, steps: int, storage: str) -> dict:
+def bench_train(config: str, steps: int, storage: str, threads: int) -> dict:
     from cir.config import load_config
     from cir.train.config import TrainConfig
     from cir.train.run import build_examples, run_training
@@ -145,13 +145,13 @@ def bench_train(config: str, steps: int, storage: str) -> dict:
     base = load_config(TrainConfig, config)
     stage = base.stages[0]
     examples = build_examples(stage.data, base.model.get("vision", "cir-tiny"))
-    torch_threads = os.cpu_count() or 1
     import torch
 
-    torch.set_num_threads(torch_threads)
+    # Each Ray Train worker runs cores / workers threads; the plain loop gets `threads`.
+    torch.set_num_threads(threads)
     plain = plain_train_loop(base, examples, steps)
     result = {"config": config, "micro_batch_size": stage.optim.micro_batch_size,
-              "plain": plain}
+              "plain_threads": threads, "plain": plain}
     for workers in (1, 2):
         name = f"bench-{workers}w-{time.strftime('%H%M%S')}"
         cfg = load_config(TrainConfig, config, [
@@ -188,7 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--exact-limit", type=int, default=50_000)
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--train-config", default="configs/train/shapes_A.yaml")
-    p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--train-threads", type=int, default=1,
+                   help="torch threads of the plain loop (a Ray worker on 2 cores with 2 workers runs 1)")
     p.add_argument("--output", default="outputs/bench")
     args = p.parse_args(argv)
 
@@ -202,7 +204,8 @@ def main(argv=None) -> int:
         from cir.raycluster import init_ray
 
         init_ray()
-        results["train"] = bench_train(args.train_config, args.train_steps, str(Path(args.output).resolve() / "runs"))
+        results["train"] = bench_train(args.train_config, args.train_steps, str(Path(args.output).resolve() / "runs"),
+                                       args.train_threads)
     if "mine" in args.what:
         results["mine"] = [bench_mine(n, args.dim, args.k, args.exact_limit, args.nprobe) for n in args.sizes]
     out = Path(args.output)
