@@ -139,9 +139,18 @@ def train(images: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig, model=No
     """Train (a new seeded model unless `model` is given) and return (model, history).
 
     `history` is a list of (step, loss) for every step. The model comes back in eval mode.
+    `cfg.threads` applies while training; torch's thread count is restored afterwards.
     """
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(images, tokens, cfg, model, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(images, tokens, cfg: TrainConfig, model, log):
     if len(images) != len(tokens) or len(images) < 2:
         raise ValueError(f"need at least 2 image-caption pairs of each, got {len(images)} images "
                          f"and {len(tokens)} captions")
@@ -227,7 +236,8 @@ def round_weights(model, dtype: str = "fp16"):
 
 
 def config_metadata(cfg: TrainConfig, **extra) -> dict:
-    return {**{f"train.{k}": v for k, v in asdict(cfg).items()}, **extra}
+    skip = ("log_every", "device")  # how it was run, not what it trained
+    return {**{f"train.{k}": v for k, v in asdict(cfg).items() if k not in skip}, **extra}
 
 
 # ------------------------------------------------------------------------- metrics
