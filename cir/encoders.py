@@ -9,7 +9,6 @@ An optional `open_clip:` prefix is accepted, as in DESIGN.md.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +153,3 @@ class ClipEncoder:
             feats = self.model.encode_text(tokens, normalize=True)
         return feats.float().cpu().numpy()
 
-
-def default_threads() -> int:
-    """Torch threads for an encoder worker: the CPUs Ray gave us, else all cores."""
-    return max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1))

@@ -73,7 +73,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     from cir.losses import LossConfig
     from cir.models.composer import ComposerConfig, build_composer
-    from cir.models.export import export_composer
     from cir.train.engine import Engine
 
     stage = from_dict(StageConfig, config["stage"], "stage")
@@ -134,7 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics:
                 history.append(metrics)
             if final:
-                _report_final(engine, metrics, history, rank, export_composer, Checkpoint)
+                _report_final(engine, metrics, history, rank)
                 return
             if step % run.checkpoint_every == 0:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -146,9 +145,12 @@ def train_loop_per_worker(config: dict) -> None:
                 break
 
 
-def _report_final(engine, metrics, history, rank, export_composer, Checkpoint) -> None:
+def _report_final(engine, metrics, history, rank) -> None:
     """The last checkpoint: training state (so a re-run is a no-op) + the export."""
     import ray.train
+    from ray.train import Checkpoint
+
+    from cir.models.export import export_composer
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -82,18 +82,6 @@ def synth_triplets(synth_dir: str | Path, vision_model: str, limit: int | None =
                           triplets.column("reverse_text").to_pylist(), "synth")
 
 
-def slerp(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
-    """Spherical interpolation between rows of unit vectors (numpy; see cir.losses.slerp)."""
-    dot = np.clip((a * b).sum(-1, keepdims=True), -1.0, 1.0)
-    omega = np.arccos(dot)
-    sin = np.sin(omega)
-    near = sin < 1e-6
-    safe = np.where(near, 1.0, sin)
-    out = np.where(near, (1 - alpha) * a + alpha * b,
-                   (np.sin((1 - alpha) * omega) * a + np.sin(alpha * omega) * b) / safe)
-    return out / np.linalg.norm(out, axis=-1, keepdims=True)
-
-
 def slerp_triplets(synth_dir: str | Path, vision_model: str, alpha: float = 0.5,
                    synthetic_share: float = 0.75, seed: int = 0, limit: int | None = None) -> pa.Table:
     """CoLLM's triplets from a corpus (captions) and its embeddings, no pairs needed.
@@ -122,7 +110,7 @@ def slerp_triplets(synth_dir: str | Path, vision_model: str, alpha: float = 0.5,
     _, nn = knn(vectors, 1)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(ids))[: limit or len(ids)]
-    ref_rows, tgt_rows, texts, reverses = [], [], [], []
+    pairs, texts, reverses = [], [], []
     for t in order:
         n = int(nn[t, 0])
         cap_t, cap_n = caption_of.get(ids[t]), caption_of.get(ids[n])
@@ -132,13 +120,18 @@ def slerp_triplets(synth_dir: str | Path, vision_model: str, alpha: float = 0.5,
             forward, reverse, _ = template_texts(cap_n, cap_t)
         else:
             forward, reverse = cap_t, cap_n
-        ref_rows.append(slerp(vectors[t], vectors[n], alpha))
-        tgt_rows.append(vectors[t])
+        pairs.append((t, n))
         texts.append(forward)
         reverses.append(reverse)
     if not texts:
         raise ValueError(f"no Slerp triplets could be made from {synth_dir} (captions missing?)")
-    return examples_table(np.stack(ref_rows), np.stack(tgt_rows), texts, reverses, "slerp")
+    import torch
+
+    from cir.losses import slerp
+
+    t_idx, n_idx = map(np.array, zip(*pairs))
+    ref = slerp(torch.from_numpy(vectors[t_idx]), torch.from_numpy(vectors[n_idx]), alpha).numpy()
+    return examples_table(ref, vectors[t_idx], texts, reverses, "slerp")
 
 
 def encode_images(image_bytes: list[bytes], vision_model: str, batch_size: int = 256) -> np.ndarray:
