@@ -6,14 +6,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SOURCES = ("synth", "slerp", "benchmark")
+BENCHMARKS = ("shapes", "cirr", "fashioniq")          # those with an annotated train split
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee", "all")
 
 
 @dataclass
 class DataConfig:
     source: str = "benchmark"          # synth | slerp | benchmark
     synth_dir: str | None = None       # jobs/synth.py output (synth and slerp sources)
-    benchmark: str = "shapes"
-    benchmark_dir: str = "outputs/shapes-benchmark"
+    benchmark: str = "shapes"          # shapes | cirr | fashioniq (source benchmark)
+    benchmark_dir: str = "outputs/shapes-benchmark"   # shapes only
+    annotations: str | None = None     # cirr / fashioniq: the release folder (captions/, image_splits/)
+    images: str | None = None          # cirr / fashioniq: image root (CIRR: the folder holding train/)
+    category: str = "all"              # fashioniq: dress | shirt | toptee | all
     split: str = "train"
     limit: int | None = None           # at most this many examples
     slerp_alpha: float = 0.5           # CoLLM: 0.5 is best
@@ -26,9 +31,28 @@ class DataConfig:
         if self.source in ("synth", "slerp") and not self.synth_dir:
             raise ValueError(f"{where}.data.synth_dir is required for source {self.source!r} "
                              "(the output folder of jobs/synth.py)")
-        if self.source == "benchmark" and self.benchmark != "shapes":
-            raise ValueError(f"{where}.data.benchmark {self.benchmark!r}: only 'shapes' train splits "
-                             "are wired here; CIRR/FashionIQ need their images (see README)")
+        if self.source == "benchmark":
+            self._validate_benchmark(f"{where}.data")
+
+    def _validate_benchmark(self, where: str) -> None:
+        name = self.benchmark
+        if name == "circo":
+            raise ValueError(f"{where}.benchmark 'circo' has no train split (only val and test); "
+                             "train on cirr, fashioniq or shapes and evaluate on CIRCO")
+        if name.startswith("fashioniq-"):
+            raise ValueError(f"{where}.benchmark {name!r}: write benchmark: fashioniq and "
+                             f"category: {name.split('-', 1)[1]}")
+        if name not in BENCHMARKS:
+            raise ValueError(f"{where}.benchmark must be one of {', '.join(BENCHMARKS)}, got {name!r}")
+        if name == "shapes":
+            return
+        for key, what in (("annotations", "the benchmark's release folder (captions/, image_splits/)"),
+                          ("images", "the folder of its images")):
+            if not getattr(self, key):
+                raise ValueError(f"{where}.{key} is required for benchmark {name!r}: {what}")
+        if name == "fashioniq" and self.category not in FASHIONIQ_CATEGORIES:
+            raise ValueError(f"{where}.category must be one of {', '.join(FASHIONIQ_CATEGORIES)}, "
+                             f"got {self.category!r}")
 
 
 @dataclass

@@ -38,8 +38,23 @@ def build_examples(data: DataConfig, vision: str) -> pa.Table:
     if data.source == "slerp":
         return sources.slerp_triplets(data.synth_dir, vision, data.slerp_alpha, data.synthetic_share,
                                       data.seed, data.limit)
-    root = shapes_benchmark_root(data.benchmark_dir)
-    return sources.benchmark_triplets(root, vision, data.split, data.limit)
+    if data.benchmark == "shapes":
+        root = shapes_benchmark_root(data.benchmark_dir)
+        return sources.benchmark_triplets(root, vision, data.split, data.limit)
+    return sources.reader_triplets(load_train_benchmarks(data), vision, data.limit)
+
+
+def load_train_benchmarks(data: DataConfig) -> list:
+    """The CIRR split, or the FashionIQ category's (or all three categories') splits."""
+    from cir.benchmarks import load_cirr, load_fashioniq, load_fashioniq_all
+
+    if data.benchmark == "cirr":
+        return [load_cirr(data.split, data.annotations, data.images)]
+    if data.benchmark == "fashioniq":
+        if data.category == "all":
+            return list(load_fashioniq_all(data.split, data.annotations, data.images).values())
+        return [load_fashioniq(data.category, data.split, data.annotations, data.images)]
+    raise ValueError(f"benchmark {data.benchmark!r} has no train split reader here")
 
 
 def build_val(benchmark_dir: str, vision: str, split: str, limit: int) -> dict:

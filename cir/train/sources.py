@@ -12,8 +12,9 @@ so it is computed once per image (by the synth job's embeddings stage, or by
   the reference embedding is a Slerp between an image's embedding and its nearest
   neighbour's, the text comes from caption templates (`synthetic_share` of samples)
   or is the target's own caption.
-* `benchmark_triplets`: a benchmark's annotated train split (the shapes benchmark here;
-  CIRR / FashionIQ through `cir.benchmarks` when their images are given).
+* `benchmark_triplets`: the shapes benchmark's annotated train split.
+* `reader_triplets`: the train split of any `cir.benchmarks` reader (CIRR, FashionIQ)
+  whose images are given: each image the queries use is read and encoded once.
 """
 from __future__ import annotations
 
@@ -134,11 +135,23 @@ def slerp_triplets(synth_dir: str | Path, vision_model: str, alpha: float = 0.5,
     return examples_table(ref, vectors[t_idx], texts, reverses, "slerp")
 
 
+def vision_encoder(vision_model: str, seed: int = 0):
+    """The composer's vision tower as a `ClipEncoder`; weights a built-in config does not
+    load are initialised from `seed` (as `cir.baselines` does), the global RNG untouched."""
+    import torch
+
+    from cir.encoders import ClipEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ClipEncoder(vision_model)
+
+
 def encode_images(image_bytes: list[bytes], vision_model: str, batch_size: int = 256) -> np.ndarray:
     """Pooled, normalised embeddings of encoded images with the composer's vision tower."""
-    from cir.encoders import ClipEncoder, decode_image
+    from cir.encoders import decode_image
 
-    encoder = ClipEncoder(vision_model)
+    encoder = vision_encoder(vision_model)
     out = [encoder.encode_images([decode_image(b) for b in image_bytes[i:i + batch_size]])
            for i in range(0, len(image_bytes), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
@@ -158,3 +171,90 @@ def benchmark_triplets(root: str | Path, vision_model: str, split: str = "train"
     tgt = np.array([index[i] for i in queries.column("tgt_id").to_pylist()])
     return examples_table(vectors[ref], vectors[tgt], queries.column("text").to_pylist(),
                           queries.column("reverse_text").to_pylist(), f"benchmark:{split}")
+
+
+def _encode_benchmark_images(images: dict, vision_model: str, batch_size: int = 256):
+    """Encode {image id: Benchmark that can read it}, streaming (a CIRR train split is ~17k
+    images). Returns ({id: row}, [n, d] vectors, {id: why it could not be read})."""
+    from cir.encoders import decode_image
+    from cir.progress import log
+
+    encoder = vision_encoder(vision_model)
+    index: dict[str, int] = {}
+    chunks, failed, batch_ids, batch = [], {}, [], []
+
+    def flush():
+        if batch:
+            chunks.append(encoder.encode_images(batch))
+            index.update((i, len(index)) for i in batch_ids)
+            batch_ids.clear()
+            batch.clear()
+            if len(chunks) % 20 == 0:
+                log(f"encoded {len(index)} / {len(images)} images")
+
+    for image_id, bench in images.items():
+        try:
+            image = decode_image(bench.image_bytes(image_id))
+        except (OSError, ValueError) as exc:  # missing file (FileNotFoundError) or unreadable
+            failed[image_id] = str(exc)
+            continue
+        batch_ids.append(image_id)
+        batch.append(image)
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
+    return index, vectors, failed
+
+
+def reader_triplets(benches, vision_model: str, limit: int | None = None,
+                    batch_size: int = 256) -> pa.Table:
+    """Training examples from one or more loaded `cir.benchmarks.Benchmark` splits
+    (e.g. the three FashionIQ categories), in order; `limit` caps the total queries.
+
+    Target: each query's first target id (CIRR's target_hard). No reverse texts.
+    Images that are missing or unreadable are skipped with their queries (a warning
+    names a few); an error if no query is left. Queries without targets are an error.
+    """
+    from cir.benchmarks import Benchmark
+    from cir.progress import log
+
+    if not isinstance(benches, Benchmark):  # a list, or load_fashioniq_all's dict
+        benches = list(benches.values() if isinstance(benches, dict) else benches)
+    else:
+        benches = [benches]
+    picked, users = [], {}
+    for bench in benches:
+        no_target = [q.query_id for q in bench.queries if not q.target_ids]
+        if no_target:
+            raise ValueError(
+                f"{bench.name} {bench.split}: {len(no_target)} of {len(bench.queries)} queries have no "
+                f"target (withheld ground truth, e.g. {no_target[:3]}); training needs a split with targets")
+        if bench.image_source is None and (bench.image_dir is None or not bench.image_dir.is_dir()):
+            raise FileNotFoundError(f"{bench.name} {bench.split}: image folder {bench.image_dir} "
+                                    "does not exist (data.images)")
+        queries = bench.queries[: max(limit - len(picked), 0)] if limit else bench.queries
+        for q in queries:
+            picked.append((bench, q))
+            for image_id in (q.ref_id, q.target_ids[0]):
+                users.setdefault(image_id, bench)
+    if not picked:
+        raise ValueError(f"no queries in {', '.join(f'{b.name} {b.split}' for b in benches)}")
+    index, vectors, failed = _encode_benchmark_images(users, vision_model, batch_size)
+    kept = [(b, q) for b, q in picked if q.ref_id in index and q.target_ids[0] in index]
+    if failed:
+        examples = "; ".join(f"{i}: {why}" for i, why in list(failed.items())[:5])
+        message = (f"{len(failed)} of {len(users)} images could not be read, so {len(picked) - len(kept)} "
+                   f"of {len(picked)} queries are left out (first: {examples})")
+        if not kept:
+            raise FileNotFoundError(message + "; no training example is left (check data.images)")
+        log("WARNING: " + message)
+    tables = []
+    for bench in benches:
+        rows = [q for b, q in kept if b is bench]
+        if rows:
+            ref = vectors[[index[q.ref_id] for q in rows]]
+            tgt = vectors[[index[q.target_ids[0]] for q in rows]]
+            tables.append(examples_table(ref, tgt, [q.text for q in rows], [None] * len(rows),
+                                         f"{bench.name}:{bench.split}"))
+    return pa.concat_tables(tables)
