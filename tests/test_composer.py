@@ -76,6 +76,27 @@ def test_composer_target_path_and_own_embed_dim():
     assert torch.equal(tgt, img)
 
 
+def test_residual_query_is_the_reference_in_target_space_plus_the_llm_output():
+    m = _build(seed=5, residual=True).eval()
+    f = _feats(3, m.d_clip)
+    with torch.no_grad():
+        m.proj.weight.zero_()
+        m.proj.bias.zero_()
+        # with the LLM's contribution zeroed, hop 1 is the reference's target embedding
+        # and hop 2 is the prototype itself
+        comp = m.encode_composed(f, TEXTS)
+        assert torch.allclose(comp, m.encode_target(f), atol=1e-6)
+        assert torch.allclose(m.encode_prototype_composed(comp, TEXTS), comp, atol=1e-6)
+        m.proj.bias.fill_(0.1)
+        moved = m.encode_composed(f, TEXTS)
+    assert torch.allclose(moved, F.normalize(m.encode_target(f) + 0.1, dim=-1), atol=1e-6)
+
+
+def test_residual_needs_the_vision_target_path():
+    with pytest.raises(ValueError, match="residual=True needs target_path='vision'"):
+        ComposerConfig(residual=True, target_path="composer")
+
+
 def test_runs_when_deepspeed_casts_everything_to_bf16():
     m = _build(seed=2).to(torch.bfloat16)
     out = m({"ref_feats": _feats(3, m.d_clip), "tgt_feats": _feats(3, m.d_clip, 2), "texts": TEXTS},

@@ -107,3 +107,20 @@ def test_short_training_learns(ray_session, tmp_path, small_benchmark):
     trained = evaluate_recall(load_composer(run_training(cfg)), val)
     assert trained["val_recall@10"] >= max(3 * untrained["val_recall@10"], untrained["val_recall@10"] + 20), \
         (untrained, trained)
+
+
+def test_a_run_name_is_tied_to_its_settings(tmp_path):
+    from cir.train.run import claim_stage, stage_settings
+
+    cfg = tiny_config(tmp_path)
+    stage, stage_dir = cfg.stages[0], tmp_path / "runs" / "r" / "finetune"
+    claim_stage(stage_dir, stage_settings(cfg, stage, None))
+    claim_stage(stage_dir, stage_settings(cfg, stage, None))  # same settings: resumes
+    cfg.run.fail_at_step = 3  # run-time settings do not change what was trained
+    claim_stage(stage_dir, stage_settings(cfg, stage, None))
+    stage.optim.lr = 2e-3
+    with pytest.raises(ValueError, match=r"other settings \(stage differ\).*--name"):
+        claim_stage(stage_dir, stage_settings(cfg, stage, None))
+    with pytest.raises(ValueError, match=r"init_from, stage differ"):
+        claim_stage(stage_dir, stage_settings(cfg, stage, tmp_path / "pretrain" / "export"))
+    assert [p.name for p in stage_dir.iterdir()] == ["settings.json"]

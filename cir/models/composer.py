@@ -45,6 +45,7 @@ class ComposerConfig:
     embed_dim: int | None = None             # None: the CLIP embed dim
     target_path: str = "vision"              # vision | composer
     prototype_adapter: bool = True           # PTHA hop 2 (unused by infonce/collm3)
+    residual: bool = False                   # composed query = LLM output + reference in target space
     composed_template: str = ("Retrieve an image that matches the reference image <img> "
                               "modified as follows: {text}")
     image_template: str = "Represent the image <img>"
@@ -64,6 +65,8 @@ class ComposerConfig:
             raise ValueError(f"pooling must be mean, last or cls, got {self.pooling!r}")
         if self.target_path not in ("vision", "composer"):
             raise ValueError(f"target_path must be vision or composer, got {self.target_path!r}")
+        if self.residual and self.target_path != "vision":
+            raise ValueError("residual=True needs target_path='vision' (the reference in target space)")
         if self.n_visual_tokens < 1:
             raise ValueError("n_visual_tokens must be >= 1")
         checks = [("composed_template", 1, 1), ("image_template", 1, 0), ("text_template", 0, 1)]
@@ -251,7 +254,8 @@ class Composer(nn.Module):
             mask[i, sl] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _run(self, template: str, texts, visual_tokens: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def _run(self, template: str, texts, visual_tokens: torch.Tensor | None, batch: int,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
         ids, mask = self._prompt_batch(template, texts, batch)
         is_vis = ids < 0
         embeds = self.llm.get_input_embeddings()(ids.clamp_min(0))
@@ -262,8 +266,10 @@ class Composer(nn.Module):
             # positions count real tokens only, so left padding does not shift them.
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
         hidden = self.llm(**kwargs).last_hidden_state
-        pooled = self._pool(hidden, mask)
-        return F.normalize(self.proj(pooled.to(self.proj.weight.dtype)).float(), dim=-1)
+        out = self.proj(self._pool(hidden, mask).to(self.proj.weight.dtype)).float()
+        if residual is not None:
+            out = out + residual.float()
+        return F.normalize(out, dim=-1)
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "mean":
@@ -283,7 +289,8 @@ class Composer(nn.Module):
     def encode_composed(self, image_feats: torch.Tensor, texts) -> torch.Tensor:
         self._check(image_feats, texts)
         vt = self._visual_tokens(self.adapter, image_feats)
-        return self._run(self.cfg.composed_template, list(texts), vt, len(texts))
+        res = self.encode_target(image_feats) if self.cfg.residual else None
+        return self._run(self.cfg.composed_template, list(texts), vt, len(texts), res)
 
     def encode_query(self, image_feats: torch.Tensor, texts) -> torch.Tensor:
         """The retrieval query of (reference, text): the composed query, or under PTHA
@@ -306,7 +313,9 @@ class Composer(nn.Module):
             raise ValueError("this composer was built with prototype_adapter=False")
         self._check(prototype_emb, texts)
         vt = self._visual_tokens(self.prototype_adapter, prototype_emb)
-        return self._run(self.cfg.prototype_template or self.cfg.composed_template, list(texts), vt, len(texts))
+        res = prototype_emb if self.cfg.residual else None
+        return self._run(self.cfg.prototype_template or self.cfg.composed_template, list(texts), vt,
+                         len(texts), res)
 
     def encode_target(self, image_feats: torch.Tensor) -> torch.Tensor:
         if self.target_proj is None:

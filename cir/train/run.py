@@ -103,6 +103,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> P
     run_dir = Path(cfg.run.storage).resolve() / cfg.run.name
     stage_dir = run_dir / stage.name
     export = stage_dir / "export"
+    claim_stage(stage_dir, stage_settings(cfg, stage, init_from))
     if (export / "config.json").is_file():
         log(f"stage {stage.name}: already exported at {export}, skipping")
         return export
@@ -140,6 +141,32 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> P
     plot_curve(history, stage_dir / "curve.png", f"{cfg.run.name} / {stage.name}")
     log(f"stage {stage.name}: exported to {export}")
     return export
+
+
+def stage_settings(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> dict:
+    """What a stage's checkpoints and export depend on (JSON-normalised)."""
+    return json.loads(json.dumps({
+        "model": cfg.model, "stage": asdict(stage), "deepspeed": asdict(cfg.deepspeed),
+        "num_workers": cfg.run.num_workers, "init_from": str(init_from) if init_from else None,
+    }))
+
+
+def claim_stage(stage_dir: Path, settings: dict) -> None:
+    """Tie a stage folder to its settings: re-running a run name with other settings
+    would otherwise resume from (or skip to) a model trained with the old ones."""
+    path = stage_dir / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            changed = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+            raise ValueError(
+                f"{stage_dir} was trained with other settings ({', '.join(changed)} differ); "
+                "use another run name (--name) or delete that folder to start over")
+        return
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, path)
 
 
 def _install(src: Path, dst: Path) -> None:
