@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from cir.benchmarks.base import Benchmark
-from cir.evaluation.config import EvalConfig
+from cir.evaluation.config import DEFAULT_ENCODER, EvalConfig
 from cir.evaluation.data import load_benchmarks
 from cir.evaluation.encode import encode_benchmarks
 
@@ -73,7 +73,9 @@ def evaluate_model(cfg: EvalConfig, benches: Mapping[str, Benchmark] | None = No
     benches = load_benchmarks(cfg) if benches is None else benches
     t_load = time.perf_counter() - t0
     blist = list(benches.values())
-    per_bench, info = encode_benchmarks(blist, cfg.model, cfg.encoder, cfg.encode)
+    # a checkpoint carries its own vision tower: only an encoder the user chose is checked against it
+    chosen = cfg.model.startswith("baseline:") or cfg.encoder != DEFAULT_ENCODER
+    per_bench, info = encode_benchmarks(blist, cfg.model, cfg.encoder if chosen else None, cfg.encode)
     t1 = time.perf_counter()
     results = [score_embeddings(b, q, g, cfg.k) for b, (q, g) in zip(blist, per_bench)]
     t_rank = time.perf_counter() - t1

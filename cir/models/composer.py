@@ -12,6 +12,8 @@ embedded once by CLIP can be reused.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -107,6 +109,18 @@ class TokenAdapter(nn.Module):
         return self.norm(self.mlp(x).view(x.shape[0], self.n, self.hidden))
 
 
+@contextlib.contextmanager
+def _quiet_logging(quiet: bool):
+    if not quiet:
+        yield
+        return
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _split_template(template: str) -> list[str]:
     """'a <img> b {text}' -> ['a ', IMG, ' b ', TEXT] (markers kept, empty pieces dropped)."""
     parts, rest = [], template
@@ -139,8 +153,9 @@ class Composer(nn.Module):
             pp = dict(force_image_size=preprocess_cfg["size"], image_mean=preprocess_cfg["mean"],
                       image_std=preprocess_cfg["std"], image_interpolation=preprocess_cfg["interpolation"],
                       image_resize_mode=preprocess_cfg["resize_mode"])
-        clip, _, self.preprocess = _open_clip().create_model_and_transforms(
-            name.arch, pretrained=name.pretrained if load_pretrained else None, **pp)
+        with _quiet_logging(not load_pretrained):  # its "initialized randomly": the export fills it
+            clip, _, self.preprocess = _open_clip().create_model_and_transforms(
+                name.arch, pretrained=name.pretrained if load_pretrained else None, **pp)
         self.visual = clip.visual  # the text tower is not needed
         self.preprocess_cfg = dict(self.visual.preprocess_cfg)
         self.d_clip = getattr(self.visual, "output_dim", None)
