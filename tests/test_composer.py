@@ -76,6 +76,23 @@ def test_composer_target_path_and_own_embed_dim():
     assert torch.equal(tgt, img)
 
 
+def test_vision_tower_is_the_one_that_cached_the_training_features():
+    # cir-tiny has no weights: both sides must build it from the same seed
+    from PIL import Image
+
+    from cir.train.sources import encode_images
+
+    torch.manual_seed(123)  # whatever the caller's RNG state
+    m = _build(seed=7)
+    image = Image.new("RGB", (64, 64), "red")
+    buf = __import__("io").BytesIO()
+    image.save(buf, format="PNG")
+    cached = encode_images([buf.getvalue()], "cir-tiny")
+    with torch.no_grad():
+        own = m.image_features(m.preprocess(image)[None])
+    assert abs(own.numpy() - cached).max() < 1e-5
+
+
 def test_residual_query_is_the_reference_in_target_space_plus_the_llm_output():
     m = _build(seed=5, residual=True).eval()
     f = _feats(3, m.d_clip)

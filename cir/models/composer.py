@@ -153,7 +153,10 @@ class Composer(nn.Module):
             pp = dict(force_image_size=preprocess_cfg["size"], image_mean=preprocess_cfg["mean"],
                       image_std=preprocess_cfg["std"], image_interpolation=preprocess_cfg["interpolation"],
                       image_resize_mode=preprocess_cfg["resize_mode"])
-        with _quiet_logging(not load_pretrained):  # its "initialized randomly": the export fills it
+        # Seeded as cir.train.sources.vision_encoder is, so a tower without weights (a built-in
+        # config) is the one that computed the cached training features.
+        with _quiet_logging(not load_pretrained), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             clip, _, self.preprocess = _open_clip().create_model_and_transforms(
                 name.arch, pretrained=name.pretrained if load_pretrained else None, **pp)
         self.visual = clip.visual  # the text tower is not needed
