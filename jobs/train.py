@@ -41,6 +41,9 @@ def main(argv=None) -> int:
             overrides.append(("run.storage", args.storage))
         cfg = load_config(TrainConfig, args.config, overrides)
         cfg.validate()
+        from cir.train.run import check_run_settings
+
+        check_run_settings(cfg)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2

@@ -124,3 +124,24 @@ def test_a_run_name_is_tied_to_its_settings(tmp_path):
     with pytest.raises(ValueError, match=r"init_from, stage differ"):
         claim_stage(stage_dir, stage_settings(cfg, stage, tmp_path / "pretrain" / "export"))
     assert [p.name for p in stage_dir.iterdir()] == ["settings.json"]
+
+
+def test_train_job_refuses_a_run_name_trained_with_other_settings(tmp_path, capsys):
+    """Before Ray starts, with the job's own error format, not a traceback from a worker."""
+    import importlib.util
+
+    from cir.train.run import claim_stage, check_run_settings, stage_settings
+
+    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    yaml = REPO / "configs" / "train" / "tiny_test.yaml"
+    cfg = load_config(TrainConfig, yaml, [("run.storage", str(tmp_path / "runs"))])
+    check_run_settings(cfg)  # a new name: nothing to compare
+    stage = cfg.stages[-1]
+    earlier = Path(cfg.run.storage).resolve() / cfg.run.name / cfg.stages[-2].name if len(cfg.stages) > 1 else None
+    stage.optim.lr *= 2
+    claim_stage(Path(cfg.run.storage).resolve() / cfg.run.name / stage.name,
+                stage_settings(cfg, stage, earlier / "export" if earlier else None))
+    assert job.main(["--config", str(yaml), "--storage", str(tmp_path / "runs")]) == 2
+    assert "was trained with other settings (stage differ)" in capsys.readouterr().err

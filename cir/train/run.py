@@ -207,6 +207,17 @@ def plot_curve(history: list[dict], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+def check_run_settings(cfg: TrainConfig) -> None:
+    """Refuse, before any work, a run name whose stages were trained with other settings."""
+    run_dir = Path(cfg.run.storage).resolve() / cfg.run.name
+    init_from = None
+    for stage in cfg.stages:
+        stage_dir = run_dir / stage.name
+        if (stage_dir / "settings.json").is_file():
+            claim_stage(stage_dir, stage_settings(cfg, stage, init_from))
+        init_from = stage_dir / "export"
+
+
 def run_training(cfg: TrainConfig) -> Path:
     """All stages in order, each from the previous stage's export; returns the last."""
     init_from = None
