@@ -189,12 +189,9 @@ def load_query_encoder(
     """
     parsed = check_query_spec(spec, encoder)
     if parsed.kind == "baseline":
-        import torch
+        from cir.encoders import ClipEncoder, seeded_init
 
-        from cir.encoders import ClipEncoder
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_init(seed):
             clip = ClipEncoder(encoder, device=device, threads=threads, precision=precision)
         return BaselineQueryEncoder(parsed.value, clip)
     models = _models_module()

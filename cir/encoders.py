@@ -8,6 +8,7 @@ An optional `open_clip:` prefix is accepted, as in DESIGN.md.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,18 @@ def validate_encoder_name(name: str) -> EncoderName:
                 f"tag of {parsed.arch} (tags: {', '.join(tags) or 'none'})"
             )
     return parsed
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int = 0):
+    """Build models inside: weights a model does not load (a built-in config without a
+    weights file) come from `seed`, so every process builds the same random tower; the
+    caller's global torch RNG is left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def pick_device(device: str | None = None) -> str:

@@ -138,6 +138,8 @@ def plain_train_loop(cfg, examples, steps: int) -> dict:
 
 
 def bench_train(config: str, steps: int, storage: str, threads: int) -> dict:
+    from dataclasses import asdict
+
     from cir.config import load_config
     from cir.train.config import TrainConfig
     from cir.train.run import build_examples, run_training
@@ -152,12 +154,13 @@ def bench_train(config: str, steps: int, storage: str, threads: int) -> dict:
     plain = plain_train_loop(base, examples, steps)
     result = {"config": config, "micro_batch_size": stage.optim.micro_batch_size,
               "plain_threads": threads, "plain": plain}
+    timed_stage = asdict(stage)
     for workers in (1, 2):
         name = f"bench-{workers}w-{time.strftime('%H%M%S')}"
         cfg = load_config(TrainConfig, config, [
             ("run.name", name), ("run.storage", storage), ("run.num_workers", workers),
             ("run.eval_every", 0), ("run.checkpoint_every", 10**9), ("run.report_every", max(1, steps // 2)),
-            ("stages", [{**_stage_dict(stage), "optim": {**_stage_dict(stage)["optim"], "max_steps": steps + max(1, steps // 2)}}])])
+            ("stages", [{**timed_stage, "optim": {**timed_stage["optim"], "max_steps": steps + max(1, steps // 2)}}])])
         run_training(cfg)
         history = json.loads((Path(storage) / name / stage.name / "history.json").read_text())
         timed = [h for h in history if "samples_per_s" in h][1:]  # the first window holds start-up
@@ -167,12 +170,6 @@ def bench_train(config: str, steps: int, storage: str, threads: int) -> dict:
         print(f"train {workers} worker(s): {rate:.1f} samples/s = {rate / plain['samples_per_s']:.2f}x plain "
               f"({plain['samples_per_s']:.1f}/s)", flush=True)
     return result
-
-
-def _stage_dict(stage) -> dict:
-    from dataclasses import asdict
-
-    return asdict(stage)
 
 
 def main(argv=None) -> int:

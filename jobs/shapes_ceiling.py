@@ -38,24 +38,19 @@ def main(argv=None) -> int:
     p.add_argument("--benchmark-dir", default="outputs/shapes-benchmark")
     args = p.parse_args(argv)
 
-    from cir.data.shapes_corpus import read_benchmark_split
-    from cir.encoders import ClipEncoder
     from cir.train.run import shapes_benchmark_root
-    from cir.train.sources import encode_images
+    from cir.train.sources import shapes_split, vision_encoder
 
-    gallery, queries = read_benchmark_split(shapes_benchmark_root(args.benchmark_dir), args.split)
-    index = {i: n for n, i in enumerate(gallery.column("image_id").to_pylist())}
-    ref = np.array([index[i] for i in queries.column("ref_id").to_pylist()])
-    tgt = np.array([index[i] for i in queries.column("tgt_id").to_pylist()])
-    images = encode_images(gallery.column("image").to_pylist(), args.encoder)
-    captions = ClipEncoder(args.encoder).encode_texts(gallery.column("caption").to_pylist())
+    split = shapes_split(shapes_benchmark_root(args.benchmark_dir), args.encoder, args.split)
+    images, ref, tgt = split.feats, split.ref, split.tgt
+    captions = vision_encoder(args.encoder).encode_texts(split.gallery.column("caption").to_pylist())
     results = {
         "image-only": recall(images[ref], images, ref, tgt),
         "oracle:target-caption": recall(captions[tgt], images, ref, tgt),
         "oracle:caption-delta": recall(images[ref] + captions[tgt] - captions[ref], images, ref, tgt),
     }
     print(json.dumps({"encoder": args.encoder, "split": args.split, "queries": len(ref),
-                      "gallery": len(index), "recall": results}, indent=2))
+                      "gallery": len(images), "recall": results}, indent=2))
     return 0
 
 

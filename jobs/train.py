@@ -48,12 +48,12 @@ def main(argv=None) -> int:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     from cir.raycluster import init_ray
-    from cir.train.run import run_training
+    from cir.train.run import run_folder, run_training
 
     t0 = time.perf_counter()
     init_ray(args.address)
     export = run_training(cfg)
-    run_dir = Path(cfg.run.storage).resolve() / cfg.run.name
+    run_dir = run_folder(cfg)
     print(f"\ntrain finished in {time.perf_counter() - t0:.1f}s; final model: {export}")
     for stage in cfg.stages:
         print(f"  {stage.name}: {run_dir / stage.name} (export/, history.json, curve.png)")

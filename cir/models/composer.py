@@ -143,7 +143,7 @@ class Composer(nn.Module):
         """load_pretrained=False (with llm_folder, preprocess_cfg) builds the architecture
         only, for `export.load_composer` to fill from a checkpoint."""
         super().__init__()
-        from cir.encoders import _open_clip, parse_encoder_name, validate_encoder_name
+        from cir.encoders import _open_clip, parse_encoder_name, seeded_init, validate_encoder_name
 
         self.cfg = cfg
         self.loss_cfg = loss_cfg or LossConfig()
@@ -155,8 +155,7 @@ class Composer(nn.Module):
                       image_resize_mode=preprocess_cfg["resize_mode"])
         # Seeded as cir.train.sources.vision_encoder is, so a tower without weights (a built-in
         # config) is the one that computed the cached training features.
-        with _quiet_logging(not load_pretrained), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with _quiet_logging(not load_pretrained), seeded_init(0):
             clip, _, self.preprocess = _open_clip().create_model_and_transforms(
                 name.arch, pretrained=name.pretrained if load_pretrained else None, **pp)
         self.visual = clip.visual  # the text tower is not needed

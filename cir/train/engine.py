@@ -8,6 +8,7 @@ The DDP fallback checkpoints through safetensors (model, AdamW moments) + JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -82,10 +83,6 @@ class Engine:
             self.optimizer, self.scheduler, self.grad_clip = optimizer, scheduler, o.grad_clip
             self.steps = 0
 
-    @property
-    def global_step(self) -> int:
-        return self.engine.global_steps if self.deepspeed else self.steps
-
     def train_micro_batch(self, batch: dict) -> dict:
         """Returns the forward's outputs; steps the optimizer every `accum` calls."""
         self.micro_steps += 1
@@ -95,7 +92,7 @@ class Engine:
             self.engine.step()
             return out
         boundary = self.micro_steps % self.accum == 0
-        ctx = self.engine.no_sync() if (not boundary and hasattr(self.engine, "no_sync")) else _null()
+        ctx = self.engine.no_sync() if (not boundary and hasattr(self.engine, "no_sync")) else contextlib.nullcontext()
         with ctx:
             out = self.engine(batch)
             (out["loss"] / self.accum).backward()
@@ -127,14 +124,6 @@ class Engine:
         else:
             self.steps = _load_plain(folder, self.module, self.optimizer, self.scheduler)
         return state
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _save_plain(folder: Path, module, optimizer, scheduler, steps: int) -> None:

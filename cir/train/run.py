@@ -15,11 +15,15 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from cir.progress import log
 from cir.train.config import DataConfig, StageConfig, TrainConfig
+
+
+def run_folder(cfg: TrainConfig) -> Path:
+    """Where a run lives: one folder per stage below it."""
+    return Path(cfg.run.storage).resolve() / cfg.run.name
 
 
 def shapes_benchmark_root(benchmark_dir: str) -> Path:
@@ -59,17 +63,11 @@ def load_train_benchmarks(data: DataConfig) -> list:
 
 def build_val(benchmark_dir: str, vision: str, split: str, limit: int) -> dict:
     """Features, texts and indices of the val split, for recall during training."""
-    from cir.data.shapes_corpus import read_benchmark_split
-    from cir.train.sources import encode_images
+    from cir.train.sources import shapes_split
 
-    gallery, queries = read_benchmark_split(shapes_benchmark_root(benchmark_dir), split)
-    queries = queries.slice(0, limit)
-    index = {i: n for n, i in enumerate(gallery.column("image_id").to_pylist())}
-    feats = encode_images(gallery.column("image").to_pylist(), vision)
-    ref = np.array([index[i] for i in queries.column("ref_id").to_pylist()])
-    return {"gallery": feats, "ref_feats": feats[ref], "ref_index": ref,
-            "tgt_index": np.array([index[i] for i in queries.column("tgt_id").to_pylist()]),
-            "texts": queries.column("text").to_pylist()}
+    s = shapes_split(shapes_benchmark_root(benchmark_dir), vision, split, limit)
+    return {"gallery": s.feats, "ref_feats": s.feats[s.ref], "ref_index": s.ref, "tgt_index": s.tgt,
+            "texts": s.queries.column("text").to_pylist()}
 
 
 def schedule(n_examples: int, stage: StageConfig, world: int) -> tuple[int, int]:
@@ -100,7 +98,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> P
 
     from cir.train.loop import train_loop_per_worker
 
-    run_dir = Path(cfg.run.storage).resolve() / cfg.run.name
+    run_dir = run_folder(cfg)
     stage_dir = run_dir / stage.name
     export = stage_dir / "export"
     claim_stage(stage_dir, stage_settings(cfg, stage, init_from))
@@ -209,10 +207,9 @@ def plot_curve(history: list[dict], path: Path, title: str) -> None:
 
 def check_run_settings(cfg: TrainConfig) -> None:
     """Refuse, before any work, a run name whose stages were trained with other settings."""
-    run_dir = Path(cfg.run.storage).resolve() / cfg.run.name
     init_from = None
     for stage in cfg.stages:
-        stage_dir = run_dir / stage.name
+        stage_dir = run_folder(cfg) / stage.name
         if (stage_dir / "settings.json").is_file():
             claim_stage(stage_dir, stage_settings(cfg, stage, init_from))
         init_from = stage_dir / "export"

@@ -19,6 +19,7 @@ so it is computed once per image (by the synth job's embeddings stage, or by
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -138,12 +139,9 @@ def slerp_triplets(synth_dir: str | Path, vision_model: str, alpha: float = 0.5,
 def vision_encoder(vision_model: str, seed: int = 0):
     """The composer's vision tower as a `ClipEncoder`; weights a built-in config does not
     load are initialised from `seed` (as `cir.baselines` does), the global RNG untouched."""
-    import torch
+    from cir.encoders import ClipEncoder, seeded_init
 
-    from cir.encoders import ClipEncoder
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         return ClipEncoder(vision_model)
 
 
@@ -157,20 +155,36 @@ def encode_images(image_bytes: list[bytes], vision_model: str, batch_size: int =
     return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
 
 
-def benchmark_triplets(root: str | Path, vision_model: str, split: str = "train",
-                       limit: int | None = None) -> pa.Table:
-    """Training examples from the shapes benchmark's annotated split."""
+class ShapesSplit(NamedTuple):
+    gallery: pa.Table      # image_id, image, caption, category
+    queries: pa.Table      # ref_id, tgt_id, text, reverse_text, ...
+    feats: np.ndarray      # [n_gallery, d] pooled embeddings of the gallery, in its order
+    ref: np.ndarray        # each query's reference, as a gallery row
+    tgt: np.ndarray        # each query's target, as a gallery row
+
+
+def shapes_split(root: str | Path, vision_model: str, split: str, limit: int | None = None) -> ShapesSplit:
+    """A shapes benchmark split with its gallery encoded once (first `limit` queries)."""
     from cir.data.shapes_corpus import read_benchmark_split
 
     gallery, queries = read_benchmark_split(root, split)
     if limit:
         queries = queries.slice(0, limit)
     index = {i: n for n, i in enumerate(gallery.column("image_id").to_pylist())}
-    vectors = encode_images(gallery.column("image").to_pylist(), vision_model)
-    ref = np.array([index[i] for i in queries.column("ref_id").to_pylist()])
-    tgt = np.array([index[i] for i in queries.column("tgt_id").to_pylist()])
-    return examples_table(vectors[ref], vectors[tgt], queries.column("text").to_pylist(),
-                          queries.column("reverse_text").to_pylist(), f"benchmark:{split}")
+
+    def rows(column: str) -> np.ndarray:
+        return np.array([index[i] for i in queries.column(column).to_pylist()])
+
+    return ShapesSplit(gallery, queries, encode_images(gallery.column("image").to_pylist(), vision_model),
+                       rows("ref_id"), rows("tgt_id"))
+
+
+def benchmark_triplets(root: str | Path, vision_model: str, split: str = "train",
+                       limit: int | None = None) -> pa.Table:
+    """Training examples from the shapes benchmark's annotated split."""
+    s = shapes_split(root, vision_model, split, limit)
+    return examples_table(s.feats[s.ref], s.feats[s.tgt], s.queries.column("text").to_pylist(),
+                          s.queries.column("reverse_text").to_pylist(), f"benchmark:{split}")
 
 
 def _encode_benchmark_images(images: dict, vision_model: str, batch_size: int = 256):
