@@ -1,4 +1,5 @@
-"""Typed job configs: dataclasses filled from a YAML file plus `key.path=value` overrides.
+"""Typed job configs: dataclasses filled from a YAML file plus `key.path=value` overrides
+(`stages.finetune.optim.lr=1e-4` names an item of a list of named sections).
 
 Unknown keys are errors (a typo in a config must not silently fall back to a default),
 and every value is checked against the field's type when it is set.
@@ -67,17 +68,28 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     return cls(**kwargs)
 
 
-def to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
+def _child(node, key: str, dotted: str):
+    """The section `key` of `node`; in a list of named sections (the train job's
+    `stages`), the one whose `name` is `key`."""
+    if isinstance(node, list):
+        for item in node:
+            if isinstance(item, dict) and item.get("name") == key:
+                return item
+        names = [item.get("name") for item in node if isinstance(item, dict)]
+        raise ValueError(f"override {dotted!r}: no item named {key!r} (named: {', '.join(map(str, names))})")
+    child = node.setdefault(key, {})
+    if not isinstance(child, (dict, list)):
+        raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    return child
 
 
 def _set_path(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = data
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+        node = _child(node, key, dotted)
+    if isinstance(node, list):
+        raise ValueError(f"override {dotted!r}: set a field of an item, e.g. {dotted}.<field>=VALUE")
     node[keys[-1]] = value
 
 

@@ -58,27 +58,50 @@ class OutputDir:
     @contextlib.contextmanager
     def stage(self, stage: str, fingerprint: dict):
         """Yield a temp folder and a manifest dict to fill; commit both on success."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         manifest = {"stage": stage, "config": fingerprint}
-        try:
+        with atomic_path(self.path(stage), directory=True) as tmp:
             yield tmp, manifest
             write_json_atomic(tmp / SUCCESS, manifest)
-            final = self.path(stage)
-            if final.exists():  # an unfinished or deliberately redone stage
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json_atomic(path: Path, data) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, directory: bool = False):
+    """Yield a temporary sibling of `path` to write (an empty folder when `directory`);
+    on success it replaces `path`, on failure it is removed. Readers therefore see the
+    old version or the complete new one, never half of it. An existing folder is moved
+    aside, the new one renamed in, and the old one deleted."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, data, *, indent: int | None = 2, sort_keys: bool = True) -> Path:
+    """JSON to `path` through `atomic_path` (submission files pass indent=None and keep
+    their key order)."""
+    text = json.dumps(data, indent=indent, sort_keys=sort_keys, default=str)
+    return write_text_atomic(path, text + "\n" if indent is not None else text)
 
 
 def write_table(table: pa.Table, folder: Path, rows_per_file: int = 50_000) -> None:

@@ -6,6 +6,7 @@ not with a KeyError deep inside a Ray task.
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 CORPUS = pa.schema(
@@ -50,8 +51,6 @@ TRIPLETS = pa.schema(
     ]
 )
 
-TRIPLET_SOURCES = ("template", "llm", "mtst", "human")
-
 # Schema-metadata keys of the embeddings table.
 META_MODEL = b"cir.model"
 META_DIM = b"cir.dim"
@@ -80,6 +79,23 @@ def embeddings_metadata(schema: pa.Schema) -> tuple[str, int]:
             f"(expected schema metadata keys {META_MODEL!r} and {META_DIM!r})"
         )
     return meta[META_MODEL].decode(), int(meta[META_DIM])
+
+
+def embedding_array(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    """[n, d] float32 rows as a fixed_size_list<float32>[d] column; rows where `valid`
+    is False are null (an image that could not be read)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1], mask=mask)
+
+
+def embedding_matrix(column) -> np.ndarray:
+    """[n, d] float32 from a fixed_size_list column (Array or ChunkedArray, no nulls)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        raise ValueError(f"embedding column has {arr.null_count} null rows")
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(len(arr), arr.type.list_size), dtype=np.float32)
 
 
 def require_columns(schema: pa.Schema, columns, what: str) -> None:

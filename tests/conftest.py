@@ -1,6 +1,7 @@
 """Shared fixtures: one local Ray per test session (ray.init costs ~6 s and ~1 GB)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +14,14 @@ SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cir-ray-"))
+
+
+def load_job(name: str):
+    """The module of `jobs/NAME.py` (jobs are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_job", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
