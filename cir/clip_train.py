@@ -9,20 +9,24 @@ open_clip's "shortest" resize mode), so training and `cir.encoders.ClipEncoder` 
 same pixels. Weights are saved as safetensors (fp16 by default), never pickles, and load
 back with `ClipEncoder("ARCH/path/to/weights.safetensors")`.
 
-Used by `jobs/train_clip.py`, which trains the shipped `cir/weights/cir-shapes.safetensors`.
+Used by `jobs/train_clip.py`, which trains the shipped `cir/weights/cir-shapes.safetensors`
+and reports its held-out figures with `cir.clip_eval`.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from cir.encoders import _open_clip, decode_image, pick_device
+from cir.metrics import embedding_recall
+from cir.optim import warmup_cosine
+from cir.outputs import atomic_path
 
 
 @dataclass
@@ -90,6 +94,13 @@ def load_pairs(table, model_name: str, image_size: int):
     return images, tokens
 
 
+def corpus_pairs(folder, model_name: str, image_size: int):
+    """(uint8 images, token ids, family of each image) of a `write_corpus` folder."""
+    table = pq.read_table(folder)
+    images, tokens = load_pairs(table, model_name, image_size)
+    return images, tokens, table.column("category").to_pylist()
+
+
 # --------------------------------------------------------------------------- model
 
 def create_model(name: str, device: str = "cpu", seed: int = 0):
@@ -128,11 +139,7 @@ def _param_groups(model, weight_decay: float):
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine(step, cfg.warmup_steps, total, peak=cfg.lr, floor=cfg.lr * cfg.min_lr_ratio)
 
 
 def train(images: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig, model=None, log=print):
@@ -201,7 +208,7 @@ def _train(images, tokens, cfg: TrainConfig, model, log):
 # ---------------------------------------------------------------------------- save
 
 def save_weights(model, path, dtype: str = "fp16", metadata: dict | None = None) -> Path:
-    """Write the model's state dict as safetensors (atomically: temp file + os.replace).
+    """Write the model's state dict as safetensors (atomically, `cir.outputs.atomic_path`).
 
     Floating tensors are stored as fp16 (or fp32); open_clip's loader copies them into
     the fp32 model, casting. `metadata` values are stored as strings in the header.
@@ -213,15 +220,9 @@ def save_weights(model, path, dtype: str = "fp16", metadata: dict | None = None)
     cast = torch.float16 if dtype == "fp16" else torch.float32
     state = {k: (v.detach().to("cpu", cast) if v.is_floating_point() else v.detach().cpu())
              .contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def round_weights(model, dtype: str = "fp16"):
@@ -243,14 +244,14 @@ def config_metadata(cfg: TrainConfig, **extra) -> dict:
 # ------------------------------------------------------------------------- metrics
 
 def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, ks=(1, 5)) -> dict:
-    """Row i of each is a pair. text->image Recall@k and image->text Recall@k."""
-    sims = text_emb @ image_emb.T
-    diag = np.diag(sims)
-    t2i = (sims > diag[:, None]).sum(1)  # rank of the right image (0 = first); ties count for it
-    i2t = (sims > diag[None, :]).sum(0)  # rank of the right caption for each image
-    out = {f"t2i_R@{k}": float(np.mean(t2i < k)) for k in ks}
-    out.update({f"i2t_R@{k}": float(np.mean(i2t < k)) for k in ks})
-    return out
+    """Row i of each is a pair. text->image Recall@k and image->text Recall@k, as
+    fractions (0.96, not 96) under the keys "t2i_R@k" and "i2t_R@k". Exactly tied
+    scores rank the lower row first (`cir.metrics.rank_by_similarity`)."""
+    pairs = np.arange(len(image_emb))
+    t2i = embedding_recall(text_emb, image_emb, pairs, ks)
+    i2t = embedding_recall(image_emb, text_emb, pairs, ks)
+    return {**{f"t2i_R@{k}": v / 100 for k, v in t2i.items()},
+            **{f"i2t_R@{k}": v / 100 for k, v in i2t.items()}}
 
 
 def neighbour_stats(emb: np.ndarray, groups=None, percentiles=(1, 10, 50, 90, 99)) -> dict:

@@ -228,12 +228,25 @@ def restrict_to(ranked, allowed) -> np.ndarray:
 
 
 # ---- generic metrics ------------------------------------------------------------------
-def recall_at_k(ranked, targets, ks: Sequence[int]) -> dict[int, float]:
-    """Percent of queries with any of their targets in the top k, for each k."""
+def hits_at_k(ranked, targets, ks: Sequence[int]) -> dict[int, np.ndarray]:
+    """bool [Q] for each k: the query has any of its targets in its top k."""
     h = hits(ranked, targets)
     if h.shape[0] == 0:
         raise ValueError("no queries to score")
-    return {k: float(h[:, :k].any(axis=1).mean() * 100) for k in ks}
+    return {k: h[:, :k].any(axis=1) for k in ks}
+
+
+def recall_at_k(ranked, targets, ks: Sequence[int]) -> dict[int, float]:
+    """Percent of queries with any of their targets in the top k, for each k."""
+    return {k: float(h.mean() * 100) for k, h in hits_at_k(ranked, targets, ks).items()}
+
+
+def embedding_recall(query_emb, gallery_emb, targets, ks: Sequence[int], exclude=None) -> dict[int, float]:
+    """Recall@k (percent) of ranking `gallery_emb` by dot product for each query;
+    `targets` and `exclude` are gallery rows ([Q] or [Q, T], -1 = pad), as in
+    `rank_by_similarity` and `recall_at_k`."""
+    ranked = rank_by_similarity(query_emb, gallery_emb, max(ks), exclude=exclude)
+    return recall_at_k(ranked, targets, ks)
 
 
 def average_precision_at_k(ranked, gts, ks: Sequence[int]) -> np.ndarray:
@@ -303,6 +316,22 @@ def circo_metrics(ranked, gts, targets=None, aspects: Sequence[Sequence[str]] | 
     return out
 
 
+def _row(bench: Benchmark, index: Mapping[str, int], image_id: str, q, what: str) -> int:
+    if image_id not in index:
+        raise KeyError(f"{bench.name} {bench.split}: {what} {image_id!r} of query "
+                       f"{q.query_id!r} is not in the gallery")
+    return index[image_id]
+
+
+def target_rows(bench: Benchmark, index: Mapping[str, int]) -> np.ndarray:
+    """[Q, T] rows (in `index`: image id -> row) of each query's `target_ids`, -1 pad."""
+    width = max(len(q.target_ids) for q in bench.queries)
+    out = np.full((len(bench.queries), width), -1, dtype=np.int64)
+    for i, q in enumerate(bench.queries):
+        out[i, : len(q.target_ids)] = [_row(bench, index, t, q, "target") for t in q.target_ids]
+    return out
+
+
 def _protocol_metrics(bench: Benchmark, ranked: np.ndarray, index: Mapping[str, int], subset_ranked=None):
     if not bench.has_targets:
         raise ValueError(f"{bench.name} {bench.split} has no ground truth (a test split): "
@@ -310,22 +339,13 @@ def _protocol_metrics(bench: Benchmark, ranked: np.ndarray, index: Mapping[str, 
     if len(ranked) != len(bench.queries):
         raise ValueError(f"{len(ranked)} rankings for {len(bench.queries)} queries")
     qs = bench.queries
-
-    def row(image_id: str, q, what: str) -> int:
-        if image_id not in index:
-            raise KeyError(f"{bench.name} {bench.split}: {what} {image_id!r} of query "
-                           f"{q.query_id!r} is not in the gallery")
-        return index[image_id]
-
-    width = max(len(q.target_ids) for q in qs)
-    tgt = np.full((len(qs), width), -1, dtype=np.int64)
-    for i, q in enumerate(qs):
-        tgt[i, : len(q.target_ids)] = [row(t, q, "target") for t in q.target_ids]
+    tgt = target_rows(bench, index)
     refs = np.array([index.get(q.ref_id, -1) for q in qs], dtype=np.int64)
     if bench.protocol == "cirr":
         subsets = None
         if subset_ranked is None:
-            subsets = np.array([[row(m, q, "subset member") for m in q.subset_ids] for q in qs])
+            subsets = np.array([[_row(bench, index, m, q, "subset member") for m in q.subset_ids]
+                                for q in qs])
         return cirr_metrics(ranked, tgt[:, 0], refs, subset_ranked, subsets)
     if bench.protocol == "fashioniq":
         return fashioniq_metrics(ranked, tgt)
@@ -353,47 +373,73 @@ def evaluate_predictions(
     CIRCO without images has no known gallery, and any COCO id is accepted.
     """
     bench.check_query_ids(predictions, "predictions")
-    index: dict[str, int] = dict(bench.gallery_index)
-    strict = bool(bench.gallery_ids)
-    for q in bench.queries:
-        for i in (q.ref_id, *q.target_ids, *(q.subset_ids or ())):
-            index.setdefault(i, len(index))
-
-    def to_rows(preds: Mapping[str, Sequence]) -> np.ndarray:
-        preds = {str(key): v for key, v in preds.items()}
-        lists = [[str(x) for x in preds[q.query_id]] for q in bench.queries]
-        out = np.full((len(lists), max((len(x) for x in lists), default=1) or 1), -1, dtype=np.int64)
-        for r, (q, ids) in enumerate(zip(bench.queries, lists)):
-            for c, i in enumerate(ids):
-                if i not in index:
-                    if strict:
-                        raise KeyError(f"{bench.name} {bench.split}: query {q.query_id!r} lists image "
-                                       f"{i!r}, which is not in the gallery")
-                    index[i] = len(index)
-                out[r, c] = index[i]
-        return out
-
+    ranked, index = prediction_rows(bench, predictions)
     subset = None
     if subset_predictions is not None:
         bench.check_query_ids(subset_predictions, "subset predictions")
-        subset = to_rows(subset_predictions)
-    return _protocol_metrics(bench, to_rows(predictions), index, subset)
+        subset, index = prediction_rows(bench, subset_predictions, index)
+    return _protocol_metrics(bench, ranked, index, subset)
 
 
-def evaluate_embeddings(
+def prediction_rows(
+    bench: Benchmark, predictions: Mapping[str, Sequence], index: dict[str, int] | None = None
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Rankings [Q, K] (queries in `bench` order, -1 pad) of ranked image ids per query
+    id, and the image id -> row map they use (returned grown; pass it back to number a
+    second file alike). Rows are the gallery's, then references, targets and subset
+    members outside it; an id outside a known gallery is a KeyError, but CIRCO without
+    images has no known gallery and its ids are numbered as they come."""
+    if index is None:
+        index = dict(bench.gallery_index)
+        for q in bench.queries:
+            for i in (q.ref_id, *q.target_ids, *(q.subset_ids or ())):
+                index.setdefault(i, len(index))
+    strict = bool(bench.gallery_ids)
+    predictions = {str(key): v for key, v in predictions.items()}
+    lists = [[str(x) for x in predictions[q.query_id]] for q in bench.queries]
+    out = np.full((len(lists), max((len(x) for x in lists), default=1) or 1), -1, dtype=np.int64)
+    for r, (q, ids) in enumerate(zip(bench.queries, lists)):
+        for c, i in enumerate(ids):
+            if i not in index:
+                if strict:
+                    raise KeyError(f"{bench.name} {bench.split}: query {q.query_id!r} lists image "
+                                   f"{i!r}, which is not in the gallery")
+                index[i] = len(index)
+            out[r, c] = index[i]
+    return out, index
+
+
+def excludes_reference(bench: Benchmark) -> bool:
+    """Whether `bench`'s protocol ranks without the query's reference image (CIRR's
+    always does; its readers set `exclude_reference` too)."""
+    return bench.exclude_reference or bench.protocol == "cirr"
+
+
+def rank_benchmark(
     bench: Benchmark, query_emb, gallery_emb, k: int = 50, exclude_reference: bool | None = None
-) -> dict[str, float]:
-    """Rank `gallery_emb` (rows aligned with `bench.gallery_ids`) for each query embedding
-    and score with the benchmark's protocol. The reference is excluded when the protocol
-    says so (`bench.exclude_reference`) unless `exclude_reference` overrides it (CIRR's
-    metrics remove it regardless, as its protocol requires)."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rank `gallery_emb` (rows aligned with `bench.gallery_ids`) for each query embedding.
+
+    Returns (ranked [Q, k], subset_ranked [Q, M] or None): the gallery rows by descending
+    dot product and, for CIRR, each query's `img_set.members` in that order (for
+    Recall_subset). The reference is left out of both when the protocol says so
+    (`excludes_reference`) unless `exclude_reference` overrides it."""
     ge = np.asarray(gallery_emb, dtype=np.float32)
     if ge.shape[0] != len(bench.gallery_ids):
         raise ValueError(f"{ge.shape[0]} gallery embeddings for {len(bench.gallery_ids)} gallery ids")
-    exclude = bench.exclude_reference if exclude_reference is None else exclude_reference
+    exclude = excludes_reference(bench) if exclude_reference is None else exclude_reference
     refs = bench.reference_indices() if exclude else None
     ranked = rank_by_similarity(query_emb, ge, k, exclude=refs)
     subset_ranked = None
     if bench.protocol == "cirr":
         subset_ranked = rank_candidates(query_emb, ge, bench.subset_indices(), exclude=refs)
-    return evaluate_ranked(bench, ranked, subset_ranked)
+    return ranked, subset_ranked
+
+
+def evaluate_embeddings(
+    bench: Benchmark, query_emb, gallery_emb, k: int = 50, exclude_reference: bool | None = None
+) -> dict[str, float]:
+    """`rank_benchmark`, then score with the benchmark's protocol (CIRR's metrics remove
+    the reference even when `exclude_reference=False` kept it in the ranking, as its
+    protocol requires)."""
+    return evaluate_ranked(bench, *rank_benchmark(bench, query_emb, gallery_emb, k, exclude_reference))

@@ -3,7 +3,8 @@
 Test splits withhold their ground truth; numbers come from uploading rankings to the
 benchmark's server, which rejects (or silently mis-scores) a malformed file. So the
 writers check everything the servers assume before writing, and write atomically
-(temp file + os.replace) so a crash never leaves half a file behind:
+(`cir.outputs.write_json_atomic`, in the key order built: "version" and "metric"
+first) so a crash never leaves half a file behind:
 * CIRR (cirr.cs.umd.edu): two files, {"version": "rc2", "metric": "recall",
   "<pairid>": [top 50 image names]} and the same with "metric": "recall_subset" and
   the top 3 within `img_set.members`; the reference never appears (the server ranks
@@ -17,34 +18,16 @@ is one, and CIRR's server format is read too (its "version"/"metric" keys skippe
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from cir.benchmarks.base import Benchmark
-from cir.metrics import rank_by_similarity, rank_candidates
+from cir.outputs import write_json_atomic
 
 CIRR_VERSION = "rc2"
 SERVER_KEYS = ("version", "metric")
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write JSON to a temp file in the target folder, then os.replace it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def predictions_from_ranked(bench: Benchmark, ranked: np.ndarray) -> dict[str, list[str]]:
@@ -123,17 +106,8 @@ def write_cirr_submission(
     main, subset = cirr_submissions(bench, recall, recall_subset)
     path = Path(path)
     subset_path = Path(subset_path) if subset_path else path.with_name(f"subset_{path.name}")
-    return write_json_atomic(path, main), write_json_atomic(subset_path, subset)
-
-
-def cirr_predictions_from_embeddings(
-    bench: Benchmark, query_emb, gallery_emb, k: int = 50
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(recall, recall_subset) predictions with the reference excluded, ready to write."""
-    refs = bench.reference_indices()
-    ranked = rank_by_similarity(query_emb, gallery_emb, k, exclude=refs)
-    subset = rank_candidates(query_emb, gallery_emb, bench.subset_indices(), exclude=refs)
-    return predictions_from_ranked(bench, ranked), predictions_from_ranked(bench, subset[:, :3])
+    return (write_json_atomic(path, main, indent=None, sort_keys=False),
+            write_json_atomic(subset_path, subset, indent=None, sort_keys=False))
 
 
 # ---- CIRCO ------------------------------------------------------------------------------
@@ -156,21 +130,22 @@ def circo_submission(bench: Benchmark, predictions: Mapping[str, Sequence], k: i
 
 
 def write_circo_submission(bench: Benchmark, predictions: Mapping[str, Sequence], path) -> Path:
-    return write_json_atomic(path, circo_submission(bench, predictions))
+    return write_json_atomic(path, circo_submission(bench, predictions), indent=None, sort_keys=False)
 
 
 # ---- reading ------------------------------------------------------------------------------
-def read_json_object(path: str | Path) -> dict:
-    """The JSON object in a predictions file, with errors that name the file."""
+def read_json_object(path: str | Path, what: str = "predictions file",
+                     expected: str = "{query_id: [image ids]}") -> dict:
+    """The JSON object in a file, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"predictions file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object {{query_id: [image ids]}}")
+        raise ValueError(f"{path}: expected a JSON object {expected}")
     return data
 
 

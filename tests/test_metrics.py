@@ -14,11 +14,13 @@ from cir.metrics import (
     average_precision_at_k,
     circo_metrics,
     cirr_metrics,
+    embedding_recall,
     evaluate_embeddings,
     evaluate_predictions,
     evaluate_ranked,
     fashioniq_average,
     fashioniq_metrics,
+    rank_benchmark,
     rank_by_similarity,
     rank_candidates,
     recall_at_k,
@@ -28,7 +30,6 @@ from cir.metrics import (
 )
 from cir.submission import (
     circo_submission,
-    cirr_predictions_from_embeddings,
     cirr_submissions,
     predictions_from_ranked,
     read_predictions,
@@ -255,17 +256,30 @@ def test_rank_excludes_and_pads():
     assert cand[0].tolist() == ([4, 6] if s[0] >= s[1] else [6, 4]) + [-1, -1]
 
 
-def test_rank_10k_by_100k_completes():
-    """10k queries x 100k gallery (4 GB of scores if held at once) ranks in seconds."""
+def test_rank_10k_by_100k_is_exact():
+    """10k queries x 100k gallery (4 GB of scores if held at once) ranks in seconds, and
+    is the brute-force top 50 with the excluded column left out (checked on 100 queries)."""
     rng = np.random.default_rng(0)
     qe = rng.standard_normal((10_000, 32)).astype(np.float32)
     ge = rng.standard_normal((100_000, 32)).astype(np.float32)
-    top = rank_by_similarity(qe, ge, 50, exclude=np.arange(10_000))
+    excluded = rng.permutation(100_000)[:10_000]
+    ge[excluded] = qe  # like a reference: each query's excluded row would be its best match
+    top = rank_by_similarity(qe, ge, 50, exclude=excluded)
     assert top.shape == (10_000, 50) and (top >= 0).all()
-    assert not (top == np.arange(10_000)[:, None]).any()
-    _check_topk(qe[:100] @ ge.T, rank_by_similarity(qe[:100], ge, 50), 50)
-    targets = top[:, 7]
-    assert recall_at_k(top, targets, [5, 10]) == {5: 0.0, 10: 100.0}
+    assert not (top == excluded[:, None]).any()
+    sample = np.sort(rng.choice(10_000, size=100, replace=False))
+    scores = qe[sample] @ ge.T
+    assert (scores.argmax(axis=1) == excluded[sample]).mean() > 0.9
+    scores[np.arange(100), excluded[sample]] = -np.inf
+    _check_topk(scores, top[sample], 50)
+
+
+def test_embedding_recall():
+    gallery = np.eye(4, dtype=np.float32)
+    queries = gallery[[0, 1, 2]] + np.float32(0.5) * gallery[[3, 3, 0]]  # 2nd best: 3, 3, 0
+    assert embedding_recall(queries, gallery, [0, 3, 1], [1, 2]) == pytest.approx({1: 100 / 3, 2: 200 / 3})
+    # excluding each query's best row moves the second best up
+    assert embedding_recall(queries, gallery, [3, 3, 0], [1], exclude=[0, 1, 2]) == {1: 100.0}
 
 
 # ---- submission files ------------------------------------------------------------------------
@@ -275,7 +289,8 @@ def test_cirr_submission_roundtrip(tmp_path):
     rng = np.random.default_rng(0)
     g = rng.standard_normal((len(test.gallery_ids), 16)).astype(np.float32)
     q = g[test.reference_indices()] * 5 + rng.standard_normal((len(test), 16)).astype(np.float32)
-    recall, subset = cirr_predictions_from_embeddings(test, q, g)
+    ranked, subset_ranked = rank_benchmark(test, q, g)  # CIRR: reference excluded
+    recall, subset = predictions_from_ranked(test, ranked), predictions_from_ranked(test, subset_ranked)
     p1, p2 = write_cirr_submission(test, recall, subset, tmp_path / "sub.json")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["sub.json", "subset_sub.json"]
     main, sub = json.loads(p1.read_text()), json.loads(p2.read_text())

@@ -12,7 +12,7 @@ from cir.evaluation.score import BenchResult, EvalResult, _headline
 from cir.submission import read_json_object
 
 
-def _split_by_benchmark(preds: Mapping[str, list[str]], benches: Sequence[Benchmark], path: Path):
+def split_by_benchmark(preds: Mapping[str, list[str]], benches: Sequence[Benchmark], path: Path):
     """One predictions dict per benchmark (FashionIQ's ids "dress-12" name their
     category); an id of no benchmark, or a benchmark's missing query, is an error."""
     owner = {qid: i for i, b in enumerate(benches) for qid in b.query_ids}
@@ -57,7 +57,7 @@ def evaluate_prediction_files(cfg: EvalConfig, benches: Mapping[str, Benchmark] 
     if raw.get("metric") == "recall_subset":
         raise ValueError(f"{path} is a CIRR recall_subset file: pass it as --subset-predictions, "
                          "and the recall file as --predictions")
-    preds_parts = _split_by_benchmark(read_predictions(path), blist, path)
+    preds_parts = split_by_benchmark(read_predictions(path), blist, path)
     subset_parts: list = [None] * len(blist)
     if cfg.subset_predictions:
         spath = Path(cfg.subset_predictions)
@@ -65,7 +65,7 @@ def evaluate_prediction_files(cfg: EvalConfig, benches: Mapping[str, Benchmark] 
             raise ValueError("--subset-predictions applies to CIRR only")
         if read_json_object(spath).get("metric") == "recall":
             raise ValueError(f"{spath} is a CIRR recall file, not a recall_subset one")
-        subset_parts = _split_by_benchmark(read_predictions(spath), blist, spath)
+        subset_parts = split_by_benchmark(read_predictions(spath), blist, spath)
     results, info = [], {}
     for bench, preds, subset in zip(blist, preds_parts, subset_parts):
         metrics = evaluate_predictions(bench, preds, subset) if bench.has_targets else None

@@ -14,8 +14,8 @@ def write_outputs(result: EvalResult, benches: Mapping[str, Benchmark], out_dir:
     """Write predictions (model mode), submission files (test splits without ground
     truth: CIRR both files, CIRCO one), and metrics.json last, each atomically.
     Returns {what: path} of the files written."""
-    from cir.outputs import write_json_atomic as write_pretty_json
-    from cir.submission import write_circo_submission, write_cirr_submission, write_json_atomic
+    from cir.outputs import write_json_atomic
+    from cir.submission import write_circo_submission, write_cirr_submission
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -23,10 +23,13 @@ def write_outputs(result: EvalResult, benches: Mapping[str, Benchmark], out_dir:
     by_name = {r.name: r for r in result.results}
     if result.mode == "model":
         preds = {k: v for r in result.results for k, v in r.predictions.items()}
-        files["predictions"] = str(write_json_atomic(out_dir / "predictions.json", preds))
+        # compact, in query order: these files can be large (CIRR: 4k queries x 50 ids)
+        files["predictions"] = str(write_json_atomic(out_dir / "predictions.json", preds,
+                                                     indent=None, sort_keys=False))
         subset = {k: v for r in result.results for k, v in (r.subset_predictions or {}).items()}
         if subset:
-            files["subset_predictions"] = str(write_json_atomic(out_dir / "predictions_subset.json", subset))
+            files["subset_predictions"] = str(write_json_atomic(out_dir / "predictions_subset.json", subset,
+                                                                indent=None, sort_keys=False))
     for name, bench in benches.items():
         r = by_name[name]
         if bench.has_targets:
@@ -52,7 +55,7 @@ def write_outputs(result: EvalResult, benches: Mapping[str, Benchmark], out_dir:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     files["metrics"] = str(out_dir / "metrics.json")
-    write_pretty_json(out_dir / "metrics.json", doc)
+    write_json_atomic(out_dir / "metrics.json", doc)
     return files
 
 

@@ -39,20 +39,14 @@ class EvalResult:
 
 
 def score_embeddings(bench: Benchmark, query_emb, gallery_emb, k: int = 50) -> BenchResult:
-    """Rank the gallery for each query (reference excluded when the protocol says so;
-    always for CIRR) and score it, or only rank it on a split without ground truth."""
-    from cir.metrics import evaluate_ranked, rank_by_similarity, rank_candidates
+    """Rank the gallery for each query (`cir.metrics.rank_benchmark`: reference excluded
+    when the protocol says so) and score it, or only rank it on a split without ground truth."""
+    from cir.metrics import evaluate_ranked, rank_benchmark
     from cir.submission import predictions_from_ranked
 
-    exclude = bench.exclude_reference or bench.protocol == "cirr"
-    refs = bench.reference_indices() if exclude else None
-    ranked = rank_by_similarity(query_emb, gallery_emb, k, exclude=refs)
-    subset_ranked = None
-    subset_preds = None
-    if bench.protocol == "cirr":
-        subset_ranked = rank_candidates(query_emb, gallery_emb, bench.subset_indices(), exclude=refs)
-        subset_preds = predictions_from_ranked(bench, subset_ranked)
+    ranked, subset_ranked = rank_benchmark(bench, query_emb, gallery_emb, k)
     metrics = evaluate_ranked(bench, ranked, subset_ranked) if bench.has_targets else None
+    subset_preds = None if subset_ranked is None else predictions_from_ranked(bench, subset_ranked)
     return BenchResult(bench.name, bench.split, len(bench.queries), len(bench.gallery_ids), metrics,
                        predictions_from_ranked(bench, ranked), subset_preds)
 
