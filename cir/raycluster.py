@@ -30,3 +30,12 @@ def gpus_per_actor(setting) -> float:
     if setting == "auto":
         return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     return float(setting)
+
+
+def dataset_from_table(table, rows_per_block: int):
+    """A Ray Dataset over an in-memory Arrow table, cut into blocks of `rows_per_block`
+    rows so that an actor pool (or the training workers) can share the work."""
+    import ray
+
+    step = max(1, int(rows_per_block))
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, max(table.num_rows, 1), step)])

@@ -3,9 +3,7 @@ predictions mode on the real annotation files (CIRCO's official sample, CIRR ora
 a CIRR test1 submission), and the job's error messages."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +13,13 @@ from cir.benchmarks import benchmark_names, load_benchmark
 from cir.benchmarks.shapes import load_shapes
 from cir.data.shapes_corpus import write_benchmark
 from cir.encoders import decode_image
-from conftest import REPO, SHARED_BENCHMARKS
+from conftest import REPO, SHARED_BENCHMARKS, load_job
 
 needs_shared = pytest.mark.skipif(not SHARED_BENCHMARKS.is_dir(),
                                   reason=f"no benchmark files at {SHARED_BENCHMARKS}")
 
 
-def _load_job():
-    spec = importlib.util.spec_from_file_location("eval_job", REPO / "jobs" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-JOB = _load_job()
+JOB = load_job("eval")
 
 
 def run_job(*argv) -> int:
@@ -67,20 +58,21 @@ def test_shapes_reader(shapes_root):
 
 
 def test_default_shapes_benchmark_is_written_once(tmp_path, monkeypatch):
-    from cir.evaluation import DEFAULT_SHAPES_DIR, EvalConfig, ShapesDataConfig, ensure_shapes_benchmark
+    from cir.benchmarks.shapes import DEFAULT_ROOT, ShapesBenchmarkConfig, shapes_benchmark_root
 
     monkeypatch.chdir(tmp_path)
-    cfg = EvalConfig(shapes=ShapesDataConfig(n_train=2, n_val=2, n_test=5))
-    root = ensure_shapes_benchmark(cfg)
-    assert root == Path(DEFAULT_SHAPES_DIR) and (tmp_path / root / "manifest.json").is_file()
+    small = ShapesBenchmarkConfig(n_train=2, n_val=2, n_test=5)
+    root = shapes_benchmark_root(None, small)
+    assert root == Path(DEFAULT_ROOT) and (tmp_path / root / "manifest.json").is_file()
     stamp = (root / "manifest.json").stat().st_mtime_ns
-    assert ensure_shapes_benchmark(cfg) == root
+    assert shapes_benchmark_root(None, small) == root
+    assert shapes_benchmark_root(DEFAULT_ROOT, small) == root  # the default folder, named
     assert (root / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rewritten
     assert len(load_shapes("test", root).queries) == 5
     with pytest.raises(ValueError, match="delete"):
-        ensure_shapes_benchmark(EvalConfig(shapes=ShapesDataConfig(seed=2, n_train=2, n_val=2, n_test=5)))
+        shapes_benchmark_root(None, ShapesBenchmarkConfig(seed=2, n_train=2, n_val=2, n_test=5))
     with pytest.raises(FileNotFoundError, match="manifest.json"):
-        ensure_shapes_benchmark(EvalConfig(data=str(tmp_path / "elsewhere")))
+        shapes_benchmark_root(tmp_path / "elsewhere")
 
 
 # ---- ranking and scoring (no Ray) ----------------------------------------------------------
@@ -191,28 +183,38 @@ def test_one_ray_pass_aligns_queries_and_gallery_across_actors(ray_session, shap
         assert set(subset[qr.query_id]) <= set(qr.subset_ids)
 
 
-def test_encoder_actor_reports_unreadable_images(tmp_path):
+def test_the_embedding_stage_reports_unreadable_images_and_composes_queries(tmp_path):
     import pyarrow as pa
 
-    from cir.evaluation import WORK_SCHEMA, QueryEncoderActor
+    from cir.embed import Embedder
+    from cir.evaluation import WORK_SCHEMA
 
     good = tmp_path / "ok.png"
     from PIL import Image
 
     Image.new("RGB", (16, 16), (9, 9, 9)).save(good)
-    actor = QueryEncoderActor("baseline:sum", "cir-tiny", threads=1)
+    embedder = Embedder("baseline:sum", "cir-tiny", threads=1)
     rows = [(0, "gallery", "a", None, str(good), None),
             (0, "gallery", "b", b"not an image", None, None),
             (0, "gallery", "c", None, str(tmp_path / "missing.png"), None),
             (0, "query", "q", good.read_bytes(), None, "make it red"),
             (0, "query", "r", None, None, "make it red")]  # sum needs the reference
     batch = pa.Table.from_pylist([dict(zip(WORK_SCHEMA.names, r)) for r in rows], schema=WORK_SCHEMA)
-    out = actor(batch).to_pydict()
-    errors = dict(zip(out["id"], out["error"]))
+    out = embedder(batch).to_pydict()
+    assert list(out) == ["part", "kind", "image_id", "embedding", "error"]  # the rest passes through
+    errors = dict(zip(out["image_id"], out["error"]))
     assert errors["a"] is None and errors["q"] is None
     assert "not a readable image" in errors["b"]
     assert "missing.png" in errors["c"] and "neither" in errors["r"]
-    assert out["embedding"][1] is None and len(out["embedding"][0]) == actor.model.dim
+    assert out["embedding"][1] is None and len(out["embedding"][0]) == embedder.dim
+    # gallery rows are images, rows with a text are (reference, text) queries
+    image = decode_image(good.read_bytes())
+    np.testing.assert_allclose(out["embedding"][0], embedder.model.encode_gallery([image])[0], atol=1e-6)
+    np.testing.assert_allclose(out["embedding"][3], embedder.model.encode_queries([image], ["make it red"])[0],
+                               atol=1e-6)
+    assert not np.allclose(out["embedding"][0], out["embedding"][3])
+    with pytest.raises(ValueError, match="embeds images only"):
+        Embedder("cir-tiny", threads=1)(batch)
 
 
 # ---- predictions mode on the real annotation files -------------------------------------------
@@ -391,14 +393,6 @@ def test_job_errors_on_files(tmp_path, capsys):
     assert run_job("--benchmark", "circo", "--annotations", circo, "--predictions",
                    tmp_path / "nope.json") == 2
     assert "predictions file not found" in capsys.readouterr().err
-
-
-def test_checkpoint_spec_without_cir_models(tmp_path, shapes_root, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "cir.models", None)  # as if cir/models/ did not exist
-    ckpt = tmp_path / "c.safetensors"
-    ckpt.write_bytes(b"")
-    assert run_job("--benchmark", "shapes", "--data", shapes_root, "--model", f"checkpoint:{ckpt}") == 2
-    assert "checkpoints need cir.models" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["shapes", "cirr", "fashioniq", "circo"])

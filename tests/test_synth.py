@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cir import schemas
 from cir.config import load_config
 from cir.data.edits import modification_texts
 from cir.data.shapes import parse_caption
@@ -55,7 +56,8 @@ def test_shapes_triplet_texts_are_the_exact_edit(shapes_run):
 def test_tables_follow_the_contracts(shapes_run):
     out, summary = shapes_run
     emb = read_table(out / "embeddings")
-    assert emb.schema.metadata[b"cir.model"].decode() == "cir-tiny" or b"cir" in emb.schema.metadata[b"cir.model"]
+    assert schemas.embeddings_metadata(emb.schema) == ("cir-shapes", 128)  # the model of configs/local.yaml
+    assert make_config(out).encode.model == "cir-shapes"
     vectors = np.stack(emb.column("embedding").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
     assert emb.num_rows == 200 and summary.bad_images == []

@@ -3,7 +3,7 @@
 `load_benchmark(name, split, annotations_dir, image_dir)` is the one entry point jobs
 use, so that a config names a benchmark by string. Annotation and image folders are
 always given by the caller: the library never guesses where the data lives.
-Other readers (the shapes world) join the registry with `register_benchmark`.
+Other readers join the registry with `register_benchmark`.
 """
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from cir.benchmarks.circo import load_circo
 from cir.benchmarks.cirr import load_cirr
 from cir.benchmarks.fashioniq import CATEGORIES as FASHIONIQ_CATEGORIES
 from cir.benchmarks.fashioniq import load_fashioniq, load_fashioniq_all
+from cir.benchmarks.shapes import load_shapes
 
 # name -> loader(split, annotations_dir, image_dir) -> Benchmark
 Loader = Callable[[str, "str | Path", "str | Path | None"], Benchmark]
 _LOADERS: dict[str, Loader] = {
     "cirr": load_cirr,
     "circo": load_circo,
-    "shapes": lambda split, root, image_dir=None: __import__("cir.benchmarks.shapes", fromlist=["_"]).load_shapes(split, root, image_dir),  # noqa: E501 (lazy)
+    "shapes": load_shapes,
 }
 for _cat in FASHIONIQ_CATEGORIES:
     _LOADERS[f"fashioniq-{_cat}"] = (
@@ -67,5 +68,6 @@ __all__ = [
     "load_cirr",
     "load_fashioniq",
     "load_fashioniq_all",
+    "load_shapes",
     "register_benchmark",
 ]

@@ -20,11 +20,58 @@ maps image id -> exact caption (for tests and analyses, never for ranking).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from cir.benchmarks.base import Benchmark, BenchmarkFormatError, Query, check_split
 
 SPLITS = ("train", "val", "test")
+DEFAULT_ROOT = "outputs/shapes-benchmark"
+
+
+@dataclass
+class ShapesBenchmarkConfig:
+    """The shapes benchmark that is written on first use into `DEFAULT_ROOT`."""
+
+    seed: int = 1
+    n_train: int = 1000
+    n_val: int = 500
+    n_test: int = 500
+    image_size: int = 64
+
+
+def shapes_benchmark_root(root: str | Path | None = None, config: ShapesBenchmarkConfig | None = None) -> Path:
+    """Where the shapes benchmark is: `root`, which must hold one; or, for None (or the
+    default folder itself), `DEFAULT_ROOT`, written on first use with `config` (a
+    default folder made with other settings is an error, never silently reused)."""
+    from cir.data.shapes_corpus import write_benchmark
+    from cir.progress import log
+
+    if root is not None and Path(root).resolve() != Path(DEFAULT_ROOT).resolve():
+        root = Path(root)
+        if not (root / "manifest.json").is_file():
+            raise FileNotFoundError(
+                f"shapes benchmark not found: {root / 'manifest.json'} (write one with "
+                f"`python -m cir.data.shapes_corpus benchmark {root}`, or leave the folder out "
+                f"to use {DEFAULT_ROOT})")
+        return root
+    root, c = Path(DEFAULT_ROOT), config or ShapesBenchmarkConfig()
+    want = {"seed": c.seed, "image_size": c.image_size,
+            "splits": {"train": c.n_train, "val": c.n_val, "test": c.n_test}}
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        log(f"writing the shapes benchmark {want} into {root} (first use)")
+        write_benchmark(root, seed=c.seed, n_train=c.n_train, n_val=c.n_val, n_test=c.n_test,
+                        image_size=c.image_size, overwrite=root.exists())
+        return root
+    m = json.loads(manifest.read_text())
+    have = {"seed": m.get("seed"), "image_size": m.get("image_size"),
+            "splits": {k: v.get("queries") for k, v in m.get("splits", {}).items()}}
+    if have != want:
+        raise ValueError(
+            f"{root} holds a shapes benchmark made with {have}, not the configured {want}: "
+            f"give another folder, or delete {root} to rewrite it")
+    return root
 
 
 def load_shapes(split: str, root: str | Path, image_dir: str | Path | None = None) -> Benchmark:
@@ -109,11 +156,3 @@ def load_shapes(split: str, root: str | Path, image_dir: str | Path | None = Non
         },
     )
 
-
-def _register() -> None:
-    from cir.benchmarks import register_benchmark
-
-    register_benchmark("shapes", load_shapes)
-
-
-_register()

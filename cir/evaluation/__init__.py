@@ -3,8 +3,8 @@
 Two modes, both driven by `EvalConfig` (jobs/eval.py is the thin CLI around them):
 
 * model mode (`evaluate_model`): the gallery images AND the queries of every benchmark
-  go through ONE Ray Data pass, `map_batches` with `QueryEncoderActor` (a callable class
-  holding the query encoder) on an actor pool (`num_gpus` per actor when the cluster
+  go through ONE Ray Data pass of the embedding stage (`cir.embed`, an actor pool of
+  callable classes holding the query encoder, `num_gpus` per actor when the cluster
   has GPUs). Queries ride along with the gallery rather than being encoded on the
   driver because a query encoder may be a trained composer (an LLM on a GPU) that the
   driver, which has no GPU on a cluster, cannot run; one pass also loads the model
@@ -23,20 +23,19 @@ predictions.json and those files. Nothing in this module starts Ray: the job doe
 """
 from __future__ import annotations
 
-from cir.evaluation.config import (DEFAULT_ENCODER, DEFAULT_OUTPUT_ROOT, DEFAULT_SHAPES_DIR, DEFAULT_SPLITS,
-                                   FALLBACK_SPLIT, FILE_BENCHMARKS, EncodeSettings, EvalConfig,
-                                   ShapesDataConfig, config_dict)
-from cir.evaluation.data import WORK_SCHEMA, ensure_shapes_benchmark, load_benchmarks, prepare, work_table
-from cir.evaluation.encode import QueryEncoderActor, encode_benchmarks
+from cir.evaluation.config import (DEFAULT_ENCODER, DEFAULT_OUTPUT_ROOT, DEFAULT_SPLITS, FALLBACK_SPLIT,
+                                   FILE_BENCHMARKS, EncodeSettings, EvalConfig, config_dict)
+from cir.evaluation.data import WORK_SCHEMA, load_benchmarks, prepare, work_table
+from cir.evaluation.encode import encode_benchmarks
 from cir.evaluation.predictions import cirr_subset_from_ranking, evaluate_prediction_files
 from cir.evaluation.report import format_table, write_outputs
 from cir.evaluation.score import BenchResult, EvalResult, evaluate_model, score_embeddings
 
 __all__ = [
-    "DEFAULT_ENCODER", "DEFAULT_OUTPUT_ROOT", "DEFAULT_SHAPES_DIR", "DEFAULT_SPLITS", "FALLBACK_SPLIT",
+    "DEFAULT_ENCODER", "DEFAULT_OUTPUT_ROOT", "DEFAULT_SPLITS", "FALLBACK_SPLIT",
     "FILE_BENCHMARKS", "WORK_SCHEMA",
-    "BenchResult", "EncodeSettings", "EvalConfig", "EvalResult", "QueryEncoderActor", "ShapesDataConfig",
-    "cirr_subset_from_ranking", "config_dict", "encode_benchmarks", "ensure_shapes_benchmark",
+    "BenchResult", "EncodeSettings", "EvalConfig", "EvalResult",
+    "cirr_subset_from_ranking", "config_dict", "encode_benchmarks",
     "evaluate_model", "evaluate_prediction_files", "format_table", "load_benchmarks", "prepare",
     "score_embeddings", "work_table", "write_outputs",
 ]

@@ -1,14 +1,13 @@
 """The benchmark(s) of an eval run, checked before Ray starts, and the rows to encode."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
 
 from cir.benchmarks.base import Benchmark
-from cir.evaluation.config import DEFAULT_SHAPES_DIR, EvalConfig
+from cir.evaluation.config import EvalConfig
 
 
 def prepare(cfg: EvalConfig) -> dict[str, Benchmark]:
@@ -18,7 +17,7 @@ def prepare(cfg: EvalConfig) -> dict[str, Benchmark]:
     fast, naming the flag or file."""
     cfg.validate()
     if cfg.mode == "model":
-        from cir.baselines import check_query_spec
+        from cir.query_encoders import check_query_spec
 
         check_query_spec(cfg.model, cfg.encoder)
     benches = load_benchmarks(cfg)
@@ -28,43 +27,6 @@ def prepare(cfg: EvalConfig) -> dict[str, Benchmark]:
                 for image_id in bench.gallery_ids:
                     bench.image_path(image_id)  # FileNotFoundError naming the file(s) tried
     return benches
-
-
-def ensure_shapes_benchmark(cfg: EvalConfig) -> Path:
-    """The shapes benchmark folder: `cfg.data`, or the default one, written on first use
-    with `cfg.shapes` (a default folder made with other settings is an error)."""
-    from cir.data.shapes_corpus import write_benchmark
-
-    if cfg.data:
-        root = Path(cfg.data)
-        if not (root / "manifest.json").is_file():
-            raise FileNotFoundError(
-                f"shapes benchmark not found: {root / 'manifest.json'} (write one with "
-                f"`python -m cir.data.shapes_corpus benchmark {root}`, or leave out --data "
-                f"to use {DEFAULT_SHAPES_DIR})"
-            )
-        return root
-    root = Path(DEFAULT_SHAPES_DIR)
-    s = cfg.shapes
-    want = {"seed": s.seed, "image_size": s.image_size,
-            "splits": {"train": s.n_train, "val": s.n_val, "test": s.n_test}}
-    manifest = root / "manifest.json"
-    if not manifest.is_file():
-        from cir.progress import log
-
-        log(f"writing the shapes benchmark {want} into {root} (first use)")
-        write_benchmark(root, seed=s.seed, n_train=s.n_train, n_val=s.n_val, n_test=s.n_test,
-                        image_size=s.image_size, overwrite=root.exists())
-        return root
-    m = json.loads(manifest.read_text())
-    have = {"seed": m.get("seed"), "image_size": m.get("image_size"),
-            "splits": {k: v.get("queries") for k, v in m.get("splits", {}).items()}}
-    if have != want:
-        raise ValueError(
-            f"{root} holds a shapes benchmark made with {have}, not the configured {want}: "
-            f"pass --data for another folder, or delete {root} to rewrite it"
-        )
-    return root
 
 
 def load_benchmarks(cfg: EvalConfig) -> dict[str, Benchmark]:
@@ -78,12 +40,12 @@ def load_benchmarks(cfg: EvalConfig) -> dict[str, Benchmark]:
     needs_images = cfg.mode == "model"
     if name == "shapes":
         from cir.benchmarks.base import check_split
-        from cir.benchmarks.shapes import SPLITS
+        from cir.benchmarks.shapes import SPLITS, shapes_benchmark_root
 
         check_split("shapes", split, SPLITS)  # before writing a default benchmark
         if cfg.annotations or cfg.images:
             raise ValueError("shapes takes --data (a benchmark folder), not --annotations / --images")
-        return {"shapes": load_benchmark("shapes", split, ensure_shapes_benchmark(cfg))}
+        return {"shapes": load_benchmark("shapes", split, shapes_benchmark_root(cfg.data, cfg.shapes))}
     if cfg.data:
         raise ValueError(f"--data is for the shapes benchmark; {name} takes --annotations and --images")
     if not cfg.annotations:
@@ -106,10 +68,10 @@ def load_benchmarks(cfg: EvalConfig) -> dict[str, Benchmark]:
 WORK_SCHEMA = pa.schema([
     pa.field("part", pa.int32()),  # which benchmark
     pa.field("kind", pa.string()),  # "gallery" | "query"
-    pa.field("id", pa.string()),  # gallery image id | query id
+    pa.field("image_id", pa.string()),  # gallery image id | query id
     pa.field("image", pa.binary()),  # encoded image bytes, or
     pa.field("path", pa.string()),  # an image file
-    pa.field("text", pa.string()),  # query text
+    pa.field("text", pa.string()),  # query text: the embedding stage composes these rows as queries
 ])
 
 
@@ -121,12 +83,11 @@ def _image_ref(bench: Benchmark, image_id: str) -> tuple[bytes | None, str | Non
     return None, str(bench.image_path(image_id))
 
 
-def work_table(benches: Sequence[Benchmark], uses_images: bool = True, uses_texts: bool = True) -> pa.Table:
+def work_table(benches: Sequence[Benchmark], uses_images: bool = True) -> pa.Table:
     """Rows to encode: every gallery image, then every query, of each benchmark.
 
-    Query rows carry the reference image only when the model uses it, and the text
-    only when it uses texts. Image files are resolved here (on the driver), so a
-    missing file fails at once with its path.
+    Query rows carry the reference image only when the model uses it. Image files are
+    resolved here (on the driver), so a missing file fails at once with its path.
     """
     cols: dict[str, list] = {n: [] for n in WORK_SCHEMA.names}
 
@@ -144,5 +105,5 @@ def work_table(benches: Sequence[Benchmark], uses_images: bool = True, uses_text
             add(part, "gallery", image_id, *refs[image_id], None)
         for q in bench.queries:
             image, path = (refs.get(q.ref_id) or _image_ref(bench, q.ref_id)) if uses_images else (None, None)
-            add(part, "query", q.query_id, image, path, q.text if uses_texts else None)
+            add(part, "query", q.query_id, image, path, q.text)
     return pa.table(cols, schema=WORK_SCHEMA)

@@ -1,10 +1,13 @@
-"""Text-generation backends for the synth job's generate stage.
+"""Text-generation backends for the synth job's triplets stage.
 
-A backend is a callable class used with Ray Data `map_batches` over an actor pool.
-Its input batch (a pyarrow Table) holds the mined pairs with both captions:
-`pair_id, ref_id, tgt_id, similarity, ref_caption, tgt_caption`; it returns rows of
-the triplets schema (zero, one or several per pair). Backends are named here and
-imported only when chosen, so that heavy ones (vLLM) never load where unused.
+A backend is a stage, Ray Dataset to Ray Dataset: `apply(pairs) -> triplets`. Its input
+rows are the mined pairs with both captions (`base.INPUT_COLUMNS`); its output rows
+follow the triplets schema, zero, one or several per pair (`base.triplet_rows`). So a
+backend may be a `map_batches` over an actor pool (the template backend) or a
+`ray.data.llm` processor (which maps a Dataset to a Dataset). Each backend has a typed
+options dataclass, one section of the synth config's `generate` (`generate.template`),
+checked by `validate()` before any work starts. Backends are named here and imported
+only when chosen, so that heavy ones never load where unused.
 """
 from __future__ import annotations
 
@@ -12,13 +15,19 @@ import importlib
 
 # name -> "module:Class"
 BACKENDS = {
-    "template": "cir.generate.template:TemplateGenerator",
+    "template": "cir.generate.template:TemplateBackend",
 }
 
 
-def get_backend(name: str):
+def backend_class(name: str):
     """The backend class registered as `name` (ValueError naming the known ones)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown text-generation backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
     module, _, cls = BACKENDS[name].partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def build_backend(generate):
+    """The backend a synth config's `generate` section chooses, with its options."""
+    cls = backend_class(generate.backend)
+    return cls(generate.options(), batch_size=generate.batch_size, num_actors=generate.num_actors)

@@ -1,13 +1,40 @@
-"""What every text-generation backend shares: the input contract and the output rows."""
+"""What every text-generation backend shares: the stage interface, the input contract
+and the output rows."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 
 import pyarrow as pa
 
 from cir import schemas
 
 INPUT_COLUMNS = ("pair_id", "ref_id", "tgt_id", "similarity", "ref_caption", "tgt_caption")
+
+
+class Backend:
+    """A text-generation stage: `apply(pairs) -> triplets`, both Ray Datasets.
+
+    `options` is the backend's own options dataclass; `batch_size` and `num_actors` are
+    the synth config's generic sizing, which a backend maps onto its machinery."""
+
+    name = ""
+    source = ""               # the triplets' `source` column
+    needs_captions = True     # the corpus must have a caption per image
+
+    def __init__(self, options, batch_size: int, num_actors: int):
+        self.options, self.batch_size, self.num_actors = options, batch_size, num_actors
+
+    def validate(self) -> None:
+        """Checks that need no data (models, packages, cluster resources): called before
+        the synth job writes anything."""
+
+    def fingerprint(self) -> dict:
+        """What the triplets depend on: a finished stage made with another is refused."""
+        return {"backend": self.name, "options": asdict(self.options)}
+
+    def apply(self, pairs):
+        raise NotImplementedError
 
 
 def triplet_id(pair_id: str, generator: str, index: int) -> str:

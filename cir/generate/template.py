@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 
 import pyarrow as pa
 
-from cir.generate.base import triplet_rows
+from cir.generate.base import Backend, triplet_rows
 
 GENERATOR_SHAPES = "template:shapes"
 GENERATOR_DIFF = "template:caption-diff"
@@ -68,15 +69,14 @@ def template_texts(ref_caption: str, tgt_caption: str) -> tuple[str, str, str]:
     return caption_diff_text(ref_caption, tgt_caption), caption_diff_text(tgt_caption, ref_caption), GENERATOR_DIFF
 
 
+@dataclass
+class TemplateOptions:
+    """The template backend has no options: its texts follow from the captions alone."""
+
+
 class TemplateGenerator:
-    """One triplet per pair whose captions differ; pairs without captions are skipped."""
-
-    needs_captions = True
-    source = "template"
-
-    def __init__(self, **options):
-        if options:
-            raise ValueError(f"template backend takes no options, got {sorted(options)}")
+    """`map_batches` callable: one triplet per pair whose captions differ; pairs without
+    captions are skipped."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keep, texts, reverses, generators = [], [], [], []
@@ -90,4 +90,15 @@ class TemplateGenerator:
             keep.append(row)
             texts.append(forward)
             reverses.append(reverse)
-        return triplet_rows(batch, keep, texts, reverses, self.source, generators)
+        return triplet_rows(batch, keep, texts, reverses, TemplateBackend.source, generators)
+
+
+class TemplateBackend(Backend):
+    name = "template"
+    source = "template"
+
+    def apply(self, pairs):
+        import ray
+
+        return pairs.map_batches(TemplateGenerator, batch_size=self.batch_size, batch_format="pyarrow",
+                                 compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_cpus=1)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cir.embed import EmbedSettings
+from cir.generate.template import TemplateOptions
 from cir.mining import MiningConfig
 
 
@@ -23,16 +25,8 @@ class CorpusConfig:
 
 
 @dataclass
-class EncodeConfig:
+class EncodeConfig(EmbedSettings):
     model: str = "cir-tiny"
-    batch_size: int = 64
-    num_actors: int = 1
-    # Fractional GPUs per encoder actor when the cluster has GPUs ("auto": 1 if any).
-    gpus_per_actor: float | str = "auto"
-    cpus_per_actor: float = 1.0
-    # Torch threads inside each actor; 0: the node's cores shared among the actors.
-    torch_threads: int = 0
-    precision: str = "fp32"  # bf16 on GPUs
 
 
 @dataclass
@@ -62,8 +56,12 @@ class GenerateConfig:
     backend: str = "template"
     batch_size: int = 256
     num_actors: int = 1
-    # Backend-specific options (e.g. an LLM backend's model id and sampling settings).
-    options: dict = field(default_factory=dict)
+    # One typed section of options per backend (cir.generate.BACKENDS); only the chosen
+    # backend's section is used, and it is part of the triplets stage's fingerprint.
+    template: TemplateOptions = field(default_factory=TemplateOptions)
+
+    def options(self):
+        return getattr(self, self.backend)
 
 
 @dataclass
@@ -78,19 +76,14 @@ class SynthConfig:
     def validate(self) -> None:
         """Checks that need no data: fail before any work starts."""
         from cir.encoders import validate_encoder_name
-        from cir.generate import get_backend
+        from cir.generate import build_backend
 
         validate_encoder_name(self.encode.model)
+        self.encode.validate("encode")
         self.mine.mining().validate()
-        get_backend(self.generate.backend)
-        for name, value in [("encode.batch_size", self.encode.batch_size),
-                            ("encode.num_actors", self.encode.num_actors),
-                            ("generate.batch_size", self.generate.batch_size),
+        for name, value in [("generate.batch_size", self.generate.batch_size),
                             ("generate.num_actors", self.generate.num_actors),
                             ("corpus.shapes.n_images", self.corpus.shapes.n_images)]:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.encode.precision not in ("fp32", "bf16"):
-            raise ValueError(f"encode.precision must be fp32 or bf16, got {self.encode.precision!r}")
-        if not (self.encode.gpus_per_actor == "auto" or isinstance(self.encode.gpus_per_actor, (int, float))):
-            raise ValueError(f"encode.gpus_per_actor must be a number or 'auto', got {self.encode.gpus_per_actor!r}")
+        build_backend(self.generate).validate()

@@ -6,7 +6,6 @@ changed is refused rather than silently reused. The caller has done `ray.init()`
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,6 @@ from cir import schemas
 from cir.data import corpus as corpus_io
 from cir.outputs import OutputDir, parquet_files, read_table, write_table
 from cir.progress import log
-from cir.raycluster import gpus_per_actor
 from cir.synth.config import SynthConfig
 
 STAGES = ("corpus", "embeddings", "pairs", "triplets")
@@ -57,9 +55,9 @@ class SynthRun:
         self.cfg = cfg
         self.out = OutputDir(cfg.output)
         self.kind = corpus_kind = corpus_io.corpus_kind(cfg.corpus.source)
-        from cir.generate import get_backend
+        from cir.generate import build_backend
 
-        self.backend = get_backend(cfg.generate.backend)
+        self.backend = build_backend(cfg.generate)
         self.corpus_files: list[str] = []
         self.fingerprints: dict[str, dict] = {}
         # Fail on bad input before any output exists.
@@ -144,36 +142,19 @@ class SynthRun:
         def work(tmp: Path):
             import ray
 
+            from cir.embed import embed, write_embeddings
             from cir.encoders import validate_encoder_name
-            from cir.synth.encode import ImageEmbedder
+            from cir.raycluster import gpus_per_actor
 
             schema = pq.read_schema(self.corpus_files[0])
             columns = ["image_id"] + [c for c in ("image", "path") if c in schema.names]
-            ds = ray.data.read_parquet(self.corpus_files).select_columns(columns)
-            gpus = gpus_per_actor(e.gpus_per_actor)
-            threads = e.torch_threads or max(1, (os.cpu_count() or 1) // e.num_actors)
-            encoded = ds.map_batches(
-                ImageEmbedder,
-                fn_constructor_kwargs={"model": e.model, "threads": threads,
-                                       "precision": e.precision},
-                batch_size=e.batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=e.num_actors),
-                num_cpus=e.cpus_per_actor, num_gpus=gpus,
-            ).materialize()
-            from ray.data.expressions import col
-
-            bad = encoded.filter(expr=col("error").is_not_null()).select_columns(["image_id", "error"]).take_all()
-            good = encoded.filter(expr=col("error").is_null()).drop_columns(["error"])
-            dim = good.schema().base_schema.field("embedding").type.list_size
+            images = ray.data.read_parquet(self.corpus_files).select_columns(columns)
             name = str(validate_encoder_name(e.model))
-            good.write_parquet(str(tmp), schema=schemas.embeddings_schema(dim, name),
-                               min_rows_per_file=min(self.cfg.rows_per_file, 10_000))
-            for row in bad:
-                log(f"embeddings: skipped {row['image_id']}: {row['error']}")
-            if _count_rows(tmp) == 0:
-                raise ValueError(f"no image of the corpus could be read ({len(bad)} failed)")
-            return {"bad_images": [{"image_id": r["image_id"], "error": r["error"]} for r in bad],
-                    "dim": dim, "model": name, "gpus_per_actor": gpus}
+            report = write_embeddings(embed(images, e.model, e), tmp, name, self.cfg.rows_per_file)
+            if report.rows == 0:
+                raise ValueError(f"no image of the corpus could be read ({len(report.bad)} failed)")
+            return {"bad_images": report.bad, "dim": report.dim, "model": name,
+                    "gpus_per_actor": gpus_per_actor(e.gpus_per_actor)}
 
         return self._run_stage("embeddings", fp, work)
 
@@ -182,9 +163,10 @@ class SynthRun:
         fp = {**asdict(m), "embeddings": self.fingerprints["embeddings"]}
 
         def work(tmp: Path):
+            from cir.embed import read_embeddings
             from cir.mining import mine_pairs
 
-            ids, vectors = load_embeddings(self.out.path("embeddings"))
+            ids, vectors, _ = read_embeddings(self.out.path("embeddings"))
             categories = None
             if m.same_category:
                 cats = corpus_io.read_captions(self.corpus_files)
@@ -198,39 +180,21 @@ class SynthRun:
 
     def stage_triplets(self) -> StageResult:
         g = self.cfg.generate
-        fp = {"backend": g.backend, "options": g.options, "pairs": self.fingerprints["pairs"]}
+        fp = {**self.backend.fingerprint(), "pairs": self.fingerprints["pairs"]}
 
         def work(tmp: Path):
-            import ray
+            from cir.raycluster import dataset_from_table
 
             pairs = with_captions(read_table(self.out.path("pairs")), corpus_io.read_captions(self.corpus_files))
             if pairs.num_rows == 0:
                 raise ValueError("mining found no pairs in the similarity band; widen mine.band or raise mine.k")
             n_blocks = max(1, min(pairs.num_rows // g.batch_size, 8 * g.num_actors))
-            step = -(-pairs.num_rows // n_blocks)
-            ds = ray.data.from_arrow([pairs.slice(i, step) for i in range(0, pairs.num_rows, step)])
-            out = ds.map_batches(
-                self.backend, fn_constructor_kwargs=g.options, batch_size=g.batch_size,
-                batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=g.num_actors),
-                **getattr(self.backend, "ray_remote_args", {"num_cpus": 1}),
-            )
-            out.write_parquet(str(tmp), schema=schemas.TRIPLETS,
-                              min_rows_per_file=min(self.cfg.rows_per_file, 10_000))
+            triplets = self.backend.apply(dataset_from_table(pairs, -(-pairs.num_rows // n_blocks)))
+            triplets.write_parquet(str(tmp), schema=schemas.TRIPLETS,
+                                   min_rows_per_file=min(self.cfg.rows_per_file, 10_000))
             return {"pairs": pairs.num_rows}
 
         return self._run_stage("triplets", fp, work)
-
-
-def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of an embeddings table, sorted by id so results do not depend
-    on the order Ray Data wrote the shards in."""
-    table = read_table(folder)
-    schemas.embeddings_metadata(table.schema)
-    ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
-    emb = table.column("embedding").combine_chunks()
-    vectors = emb.values.to_numpy(zero_copy_only=False).reshape(len(ids), emb.type.list_size)
-    order = np.argsort(ids, kind="stable")
-    return ids[order], np.ascontiguousarray(vectors[order], dtype=np.float32)
 
 
 def with_captions(pairs: pa.Table, captions: pa.Table) -> pa.Table:
