@@ -23,7 +23,7 @@ Which objective follows which source:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +37,19 @@ OBJECTIVES = ("infonce", "collm3", "ptha")
 
 @dataclass
 class LossConfig:
-    """Which training objective `Composer.forward` computes, and its knobs."""
+    """Which training objective a stage trains with (`cir.train.objectives`), and its knobs."""
 
     objective: str = "infonce"
     gather: bool = True
     symmetric: bool = False
     # collm3: weights of (composed, image-only, text-only).
-    collm_weights: tuple = (1.0, 1.0, 1.0)
+    collm_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # collm3: image-only query from the reference ("ref"; in CoLLM pre-training the
     # reference is the Slerp of the target and its neighbour) or the target itself ("tgt").
     collm_image_query: str = "ref"
     w_t2t: float = PTHA_DEFAULTS["w_t2t"]
     w_p2p: float = PTHA_DEFAULTS["w_p2p"]
     p2p_kind: str = PTHA_DEFAULTS["p2p_kind"]
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -62,9 +61,6 @@ class LossConfig:
         if len(self.collm_weights) != 3:
             raise ValueError("collm_weights needs three weights (composed, image, text)")
         self.collm_weights = tuple(float(w) for w in self.collm_weights)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _dist_world() -> tuple[int, int]:

@@ -1,9 +1,11 @@
-"""The composer on tiny models: query kinds, padding, what trains, export/reload, learning."""
+"""The composer on tiny models: query kinds, prompts and padding, what trains, the
+training objectives around it, export/reload, learning."""
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cir.losses import LossConfig  # noqa: E402
 from cir.models import ComposerConfig, build_composer, export_composer, load_composer  # noqa: E402
+from cir.train.objectives import build_objective  # noqa: E402
 
 TEXTS = ["make it red", "add a large blue square at the top left and remove the circle", ""]
 TRAINABLE_GROUPS = ("adapter.", "prototype_adapter.", "proj.", "target_proj.", "logit_scale")
@@ -80,14 +83,17 @@ def test_vision_tower_is_the_one_that_cached_the_training_features():
     # cir-tiny has no weights: both sides must build it from the same seed
     from PIL import Image
 
-    from cir.train.sources import encode_images
+    import pyarrow as pa
+
+    from cir.embed import Embedder
 
     torch.manual_seed(123)  # whatever the caller's RNG state
     m = _build(seed=7)
     image = Image.new("RGB", (64, 64), "red")
     buf = __import__("io").BytesIO()
     image.save(buf, format="PNG")
-    cached = encode_images([buf.getvalue()], "cir-tiny")
+    row = Embedder("cir-tiny", threads=1)(pa.table({"image_id": ["red"], "image": [buf.getvalue()]}))
+    cached = row.column("embedding").to_pylist()[0]
     with torch.no_grad():
         own = m.image_features(m.preprocess(image)[None])
     assert abs(own.numpy() - cached).max() < 1e-5
@@ -109,6 +115,38 @@ def test_residual_query_is_the_reference_in_target_space_plus_the_llm_output():
     assert torch.allclose(moved, F.normalize(m.encode_target(f) + 0.1, dim=-1), atol=1e-6)
 
 
+def test_the_retrieval_query_is_the_one_the_objective_trained_and_the_export_keeps_it(tmp_path):
+    m = _build(seed=6).eval()
+    f = _feats(3, m.d_clip)
+    with torch.no_grad():
+        hop1 = m.encode_composed(f, TEXTS)
+        hop2 = m.encode_prototype_composed(hop1, TEXTS)
+        assert torch.equal(m.encode_query(f, TEXTS), hop1)  # a new composer: the composed query
+        for objective, want in (("ptha", hop2), ("infonce", hop1), ("collm3", hop1)):
+            build_objective(m, LossConfig(objective=objective))
+            assert torch.equal(m.encode_query(f, TEXTS), want), objective
+        build_objective(m, LossConfig(objective="ptha"))
+        assert load_composer(export_composer(m, out_dir=tmp_path / "ptha")).cfg.query_hops == 2
+        meta = json.loads((tmp_path / "ptha" / "config.json").read_text())
+        assert meta["format_version"] == 2 and "loss" not in meta
+    with pytest.raises(ValueError, match="prototype_adapter"):
+        build_objective(_build(prototype_adapter=False), LossConfig(objective="ptha"))
+    with pytest.raises(ValueError, match="query_hops=2 .* needs prototype_adapter"):
+        ComposerConfig(query_hops=2, prototype_adapter=False)
+
+
+def test_a_version_1_export_retrieves_with_the_query_its_loss_trained(tmp_path):
+    """Version 1 exports named the training loss, not the query: PTHA there means hop 2."""
+    for objective, hops in (("ptha", 2), ("infonce", 1)):
+        out = export_composer(_build(seed=8), out_dir=tmp_path / objective)
+        meta = json.loads((out / "config.json").read_text())
+        meta["format_version"] = 1
+        meta["loss"] = {"objective": objective}
+        del meta["composer"]["query_hops"]
+        (out / "config.json").write_text(json.dumps(meta))
+        assert load_composer(out).cfg.query_hops == hops
+
+
 def test_residual_needs_the_vision_target_path():
     with pytest.raises(ValueError, match="residual=True needs target_path='vision'"):
         ComposerConfig(residual=True, target_path="composer")
@@ -116,8 +154,8 @@ def test_residual_needs_the_vision_target_path():
 
 def test_runs_when_deepspeed_casts_everything_to_bf16():
     m = _build(seed=2).to(torch.bfloat16)
-    out = m({"ref_feats": _feats(3, m.d_clip), "tgt_feats": _feats(3, m.d_clip, 2), "texts": TEXTS},
-            LossConfig(objective="collm3"))
+    out = build_objective(m, LossConfig(objective="collm3"))(
+        {"ref_feats": _feats(3, m.d_clip), "tgt_feats": _feats(3, m.d_clip, 2), "texts": TEXTS})
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and m.adapter.mlp[0].weight.grad is not None
 
@@ -148,7 +186,7 @@ def test_padding_does_not_change_a_query(which, request):
         try:
             with torch.no_grad():
                 left = m.encode_composed(f, TEXTS)
-            ids, mask = m._prompt_batch(m.cfg.composed_template, TEXTS, 3)
+            ids, mask = m.prompts(m.cfg.composed_template, TEXTS, 3)
             assert mask[:, -1].all() and not mask[:, 0].all()
         finally:
             m.tokenizer.padding_side = side
@@ -156,7 +194,7 @@ def test_padding_does_not_change_a_query(which, request):
 
 
 def test_prompt_puts_visual_tokens_at_img_and_truncates_text(tiny):
-    ids, mask = tiny._prompt_batch(tiny.cfg.composed_template, ["word " * 500], 1)
+    ids, mask = tiny.prompts(tiny.cfg.composed_template, ["word " * 500], 1)
     row = ids[0][mask[0].bool()].tolist()
     assert row[0] == tiny.tokenizer.cls_token_id and row[-1] == tiny.tokenizer.sep_token_id
     vis = [i for i, t in enumerate(row) if t == -1]
@@ -180,7 +218,15 @@ def test_lora_trains_only_lora_adapters_and_projections(tiny):
     assert all(p.dim() > 0 for p in tiny.parameters())  # DeepSpeed breaks on 0-dim parameters
     assert tiny.logit_scale.shape == (1,)
     assert tiny.logit_scale.item() == pytest.approx(-torch.log(torch.tensor(0.07)).item())
-    assert "trainable" in tiny.trainable_parameters_summary()
+    summary = tiny.trainable_parameters_summary().splitlines()
+    trainable, total = (int(x.replace(",", "")) for x in
+                        re.search(r": ([\d,]+) of ([\d,]+) parameters trainable", summary[0]).groups())
+    assert trainable == sum(p.numel() for p in tiny.parameters() if p.requires_grad)
+    assert total == sum(p.numel() for p in tiny.parameters())
+    rows = {line.split()[0]: [int(x.replace(",", "")) for x in line.split()[1:4:2]] for line in summary[1:]}
+    lora = sum(p.numel() for n, p in tiny.llm.named_parameters() if "lora_" in n)
+    assert rows["llm"] == [lora, sum(p.numel() for p in tiny.llm.parameters())] and 0 < lora
+    assert rows["visual"][0] == 0 and rows["adapter"][0] == rows["adapter"][1] > 0
 
 
 def test_llm_trainable_modes():
@@ -215,7 +261,7 @@ def test_export_reload_gives_identical_embeddings_without_pickle(tiny, tmp_path,
     export_composer(tiny, out_dir=out)  # re-export replaces it atomically
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     meta = json.loads((out / "config.json").read_text())
-    assert meta["format_version"] == 1 and meta["lora"] == "unmerged"
+    assert meta["format_version"] == 2 and meta["lora"] == "unmerged"
     assert meta["composer"]["llm"] == "builtin:tiny-bert"
     _no_pickle(monkeypatch)
     again = load_composer(out)
@@ -229,7 +275,7 @@ def test_export_reload_gives_identical_embeddings_without_pickle(tiny, tmp_path,
 def test_query_encoder_on_images(tiny, tmp_path):
     from PIL import Image
 
-    from cir.baselines import load_query_encoder as eval_loader
+    from cir.query_encoders import load_query_encoder as eval_loader
 
     out = export_composer(tiny, out_dir=tmp_path / "export")
     enc = eval_loader(f"checkpoint:{out}", "cir-tiny")
@@ -250,11 +296,11 @@ def test_query_encoder_on_images(tiny, tmp_path):
 
 def _train(m, batch, objective, steps, lr=3e-3):
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
-    cfg = LossConfig(objective=objective)
+    loss = build_objective(m, LossConfig(objective=objective))
     losses = []
     m.train()
     for _ in range(steps):
-        out = m(batch, cfg)
+        out = loss(batch)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -279,7 +325,7 @@ def test_forward_takes_pixels_and_null_reverse_texts():
     px = torch.rand(4, 3, 64, 64)
     batch = {"ref_pixels": px, "tgt_pixels": px.flip(0), "texts": ["a", "b", "c", "d"],
              "reverse_texts": ["x", None, None, "y"]}
-    out = m(batch, LossConfig(objective="ptha"))
+    out = build_objective(m, LossConfig(objective="ptha"))(batch)
     assert set(out) >= {"loss", "q2t", "t2t", "p2p", "logit_scale"} and out["loss"].requires_grad
     out["loss"].backward()
     assert m.visual.conv1.weight.grad is None  # frozen vision tower

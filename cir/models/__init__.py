@@ -8,13 +8,12 @@ Importing this package is cheap (no torch); the names below load on first use.
 from __future__ import annotations
 
 _LAZY = {
-    "ComposerConfig": "cir.models.composer",
+    "ComposerConfig": "cir.models.config",
     "Composer": "cir.models.composer",
     "build_composer": "cir.models.composer",
     "export_composer": "cir.models.export",
     "load_composer": "cir.models.export",
     "ComposerQueryEncoder": "cir.models.export",
-    "LossConfig": "cir.losses",
 }
 __all__ = sorted([*_LAZY, "load_query_encoder"])
 

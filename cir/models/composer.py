@@ -12,85 +12,17 @@ embedded once by CLIP can be reused.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cir.losses import LossConfig, clamp_logit_scale, collm_three_way, info_nce, ptha_loss
+from cir.losses import clamp_logit_scale
 from cir.models import llm as llm_lib
-
-IMG, TEXT = "<img>", "{text}"
-
-
-@dataclass
-class ComposerConfig:
-    vision: str = "cir-tiny"                 # open_clip name, e.g. "ViT-L-14/openai"
-    vision_trainable: bool = False
-    llm: str = "builtin:tiny-bert"           # HF id or folder, "minilm", "builtin:tiny-bert"
-    llm_dtype: str = "float32"
-    lora: bool = True
-    llm_trainable: str | None = None         # lora | full | frozen; None: lora if lora else frozen
-    lora_r: int = 16                         # r/alpha/dropout: the E5-Mistral / SFR-Embedding
-    lora_alpha: int = 32                     # LoRA recipe (r 16, alpha 32, dropout 0.1)
-    lora_dropout: float = 0.1
-    lora_targets: list | None = None         # None: by model type (llm.default_lora_targets)
-    n_visual_tokens: int = 4
-    adapter_hidden: int | None = None        # None: the LLM hidden size
-    pooling: str | None = None               # mean | last | cls; None: mean (encoder) / last (decoder)
-    append_eos: bool | None = None           # None: True for decoder-only models (last-token pooling
-                                             # reads the EOS state, as SFR-Embedding / E5-Mistral do)
-    embed_dim: int | None = None             # None: the CLIP embed dim
-    target_path: str = "vision"              # vision | composer
-    prototype_adapter: bool = True           # PTHA hop 2 (unused by infonce/collm3)
-    residual: bool = False                   # composed query = LLM output + reference in target space
-    composed_template: str = ("Retrieve an image that matches the reference image <img> "
-                              "modified as follows: {text}")
-    image_template: str = "Represent the image <img>"
-    text_template: str = "Retrieve an image that matches: {text}"
-    prototype_template: str | None = None    # None: composed_template
-    max_text_tokens: int = 64
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self):
-        if self.llm_trainable is None:
-            self.llm_trainable = "lora" if self.lora else "frozen"
-        if self.llm_trainable not in ("lora", "full", "frozen"):
-            raise ValueError(f"llm_trainable must be lora, full or frozen, got {self.llm_trainable!r}")
-        if self.llm_trainable == "lora" and not self.lora:
-            raise ValueError("llm_trainable='lora' needs lora=True")
-        if self.pooling not in (None, "mean", "last", "cls"):
-            raise ValueError(f"pooling must be mean, last or cls, got {self.pooling!r}")
-        if self.target_path not in ("vision", "composer"):
-            raise ValueError(f"target_path must be vision or composer, got {self.target_path!r}")
-        if self.residual and self.target_path != "vision":
-            raise ValueError("residual=True needs target_path='vision' (the reference in target space)")
-        if self.n_visual_tokens < 1:
-            raise ValueError("n_visual_tokens must be >= 1")
-        checks = [("composed_template", 1, 1), ("image_template", 1, 0), ("text_template", 0, 1)]
-        if self.prototype_template is not None:
-            checks.append(("prototype_template", 1, 1))
-        for name, n_img, n_text in checks:
-            t = getattr(self, name)
-            if t.count(IMG) != n_img or t.count(TEXT) != n_text:
-                raise ValueError(f"{name} must hold {IMG} {n_img}x and {TEXT} {n_text}x: {t!r}")
-        if self.lora_targets is not None:
-            self.lora_targets = list(self.lora_targets)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ComposerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ComposerConfig keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+from cir.models.config import ComposerConfig
+from cir.models.prompts import PromptBuilder
+from cir.models.vision import build_vision_tower
 
 
 class TokenAdapter(nn.Module):
@@ -109,64 +41,15 @@ class TokenAdapter(nn.Module):
         return self.norm(self.mlp(x).view(x.shape[0], self.n, self.hidden))
 
 
-@contextlib.contextmanager
-def _quiet_logging(quiet: bool):
-    if not quiet:
-        yield
-        return
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def _split_template(template: str) -> list[str]:
-    """'a <img> b {text}' -> ['a ', IMG, ' b ', TEXT] (markers kept, empty pieces dropped)."""
-    parts, rest = [], template
-    while rest:
-        cut = [(rest.find(m), m) for m in (IMG, TEXT) if m in rest]
-        if not cut:
-            parts.append(rest)
-            break
-        i, m = min(cut)
-        if i:
-            parts.append(rest[:i])
-        parts.append(m)
-        rest = rest[i + len(m):]
-    return parts
-
-
 class Composer(nn.Module):
-    def __init__(self, cfg: ComposerConfig, loss_cfg: LossConfig | None = None, *,
-                 llm_folder=None, preprocess_cfg: dict | None = None, load_pretrained: bool = True):
+    def __init__(self, cfg: ComposerConfig, *, llm_folder=None, preprocess_cfg: dict | None = None,
+                 load_pretrained: bool = True):
         """load_pretrained=False (with llm_folder, preprocess_cfg) builds the architecture
         only, for `export.load_composer` to fill from a checkpoint."""
         super().__init__()
-        from cir.encoders import _open_clip, parse_encoder_name, seeded_init, validate_encoder_name
-
         self.cfg = cfg
-        self.loss_cfg = loss_cfg or LossConfig()
-        name = validate_encoder_name(cfg.vision) if load_pretrained else parse_encoder_name(cfg.vision)
-        pp = {}
-        if preprocess_cfg:  # the exported preprocessing, which a pretrained tag may have set
-            pp = dict(force_image_size=preprocess_cfg["size"], image_mean=preprocess_cfg["mean"],
-                      image_std=preprocess_cfg["std"], image_interpolation=preprocess_cfg["interpolation"],
-                      image_resize_mode=preprocess_cfg["resize_mode"])
-        # Seeded as cir.train.sources.vision_encoder is, so a tower without weights (a built-in
-        # config) is the one that computed the cached training features.
-        with _quiet_logging(not load_pretrained), seeded_init(0):
-            clip, _, self.preprocess = _open_clip().create_model_and_transforms(
-                name.arch, pretrained=name.pretrained if load_pretrained else None, **pp)
-        self.visual = clip.visual  # the text tower is not needed
-        self.preprocess_cfg = dict(self.visual.preprocess_cfg)
-        self.d_clip = getattr(self.visual, "output_dim", None)
-        if self.d_clip is None:  # towers without the attribute: measure it
-            with torch.no_grad():
-                size = self.preprocess_cfg["size"]
-                size = (size, size) if isinstance(size, int) else tuple(size)
-                self.d_clip = self.visual(torch.zeros(1, 3, *size)).shape[-1]
-        self.d_clip = int(self.d_clip)
+        tower = build_vision_tower(cfg.vision, load_pretrained, preprocess_cfg)
+        self.visual, self.preprocess, self.preprocess_cfg, self.d_clip = tower
         self.visual.requires_grad_(cfg.vision_trainable)
 
         model, self.tokenizer = llm_lib.load_llm(cfg.llm, cfg.llm_dtype, folder=llm_folder)
@@ -185,7 +68,9 @@ class Composer(nn.Module):
         self.llm = model
 
         self.pooling = cfg.pooling or ("last" if self.decoder_only else "mean")
-        self.append_eos = self.decoder_only if cfg.append_eos is None else cfg.append_eos
+        append_eos = self.decoder_only if cfg.append_eos is None else cfg.append_eos
+        self.prompts = PromptBuilder(self.tokenizer, cfg.n_visual_tokens, cfg.max_text_tokens, append_eos,
+                                     self.decoder_only)
         self.embed_dim = cfg.embed_dim or self.d_clip
         mid = cfg.adapter_hidden or self.hidden
         self.adapter = TokenAdapter(self.d_clip, self.hidden, cfg.n_visual_tokens, mid, init_rms)
@@ -198,14 +83,9 @@ class Composer(nn.Module):
             with torch.no_grad():
                 if self.d_clip == self.embed_dim:  # start exactly in the CLIP image space
                     self.target_proj.weight.copy_(torch.eye(self.embed_dim))
-        # shape [1], not 0-dim: DeepSpeed cannot build an engine around a 0-dim parameter.
+        # The contrastive temperature; shape [1], not 0-dim: DeepSpeed cannot build an
+        # engine around a 0-dim parameter.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
-
-        self._pre, self._post = llm_lib.special_token_frame(self.tokenizer)
-        tok = self.tokenizer
-        self._eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-        self._pad = tok.pad_token_id if tok.pad_token_id is not None else (self._eos or 0)
-        self._templates = {}
 
     # ---- frozen parts stay in eval mode (no dropout / norm statistics drift) ----
     def train(self, mode: bool = True):
@@ -218,11 +98,6 @@ class Composer(nn.Module):
         return clamp_logit_scale(self.logit_scale)
 
     @property
-    def _left_pad(self) -> bool:
-        # encoders are always right-padded: their absolute positions start at the first slot
-        return self.decoder_only and self.tokenizer.padding_side == "left"
-
-    @property
     def device(self) -> torch.device:
         return self.logit_scale.device
 
@@ -232,48 +107,10 @@ class Composer(nn.Module):
             feats = self.visual(pixels.to(self.device))
         return F.normalize(feats.float(), dim=-1)
 
-    # ---- prompt assembly ----
-    def _template_ids(self, template: str) -> list:
-        if template not in self._templates:
-            pieces = []
-            for p in _split_template(template):
-                pieces.append(p if p in (IMG, TEXT) else
-                              self.tokenizer(p, add_special_tokens=False)["input_ids"])
-            self._templates[template] = pieces
-        return self._templates[template]
-
-    def _prompt_batch(self, template: str, texts, batch: int):
-        """Token ids [B, L] (-1 where visual tokens go), attention mask [B, L]."""
-        pieces = self._template_ids(template)
-        text_ids = None
-        if texts is not None:
-            text_ids = self.tokenizer([t or "" for t in texts], add_special_tokens=False)["input_ids"]
-        rows = []
-        for i in range(batch):
-            row = list(self._pre)
-            for p in pieces:
-                if p == IMG:
-                    row += [-1] * self.cfg.n_visual_tokens
-                elif p == TEXT:
-                    row += text_ids[i][: self.cfg.max_text_tokens]
-                else:
-                    row += p
-            row += self._post
-            if self.append_eos and self._eos is not None and (not row or row[-1] != self._eos):
-                row.append(self._eos)
-            rows.append(row)
-        length = max(len(r) for r in rows)
-        ids = torch.full((batch, length), self._pad, dtype=torch.long)
-        mask = torch.zeros((batch, length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            sl = slice(length - len(r), length) if self._left_pad else slice(0, len(r))
-            ids[i, sl] = torch.tensor(r, dtype=torch.long)
-            mask[i, sl] = 1
-        return ids.to(self.device), mask.to(self.device)
-
     def _run(self, template: str, texts, visual_tokens: torch.Tensor | None, batch: int,
              residual: torch.Tensor | None = None) -> torch.Tensor:
-        ids, mask = self._prompt_batch(template, texts, batch)
+        ids, mask = self.prompts(template, texts, batch)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         is_vis = ids < 0
         embeds = self.llm.get_input_embeddings()(ids.clamp_min(0))
         if visual_tokens is not None:
@@ -310,10 +147,10 @@ class Composer(nn.Module):
         return self._run(self.cfg.composed_template, list(texts), vt, len(texts), res)
 
     def encode_query(self, image_feats: torch.Tensor, texts) -> torch.Tensor:
-        """The retrieval query of (reference, text): the composed query, or under PTHA
-        (the objective this model was last trained with) hop 2 over the hop-1 prototype,
-        since that is the query PTHA aligns with the target."""
-        if self.loss_cfg.objective == "ptha" and self.prototype_adapter is not None:
+        """The retrieval query of (reference, text): the composed query, or with
+        `query_hops: 2` (a model trained with PTHA) hop 2 over the hop-1 prototype, the
+        query PTHA aligns with the target."""
+        if self.cfg.query_hops == 2:
             return self.encode_prototype_composed(self.encode_composed(image_feats, texts), texts)
         return self.encode_composed(image_feats, texts)
 
@@ -345,57 +182,6 @@ class Composer(nn.Module):
         if feats.shape[0] != len(texts):
             raise ValueError(f"{feats.shape[0]} image rows for {len(texts)} texts")
 
-    # ---- training ----
-    def _feats(self, batch: dict, key: str) -> torch.Tensor:
-        if batch.get(f"{key}_feats") is not None:
-            return batch[f"{key}_feats"].to(self.device, torch.float32)
-        if batch.get(f"{key}_pixels") is not None:
-            return self.image_features(batch[f"{key}_pixels"])
-        raise KeyError(f"batch needs {key}_feats or {key}_pixels")
-
-    def forward(self, batch: dict, loss_cfg: LossConfig | None = None) -> dict:
-        """The training loss, computed here because ZeRO-3 gathers parameters only inside
-        forward. batch: ref_feats | ref_pixels, tgt_feats | tgt_pixels, texts; optional
-        reverse_texts (ptha; None rows are left out of L_p2p) and captions (collm3: the
-        text-only query's text, default the modification texts)."""
-        lc = loss_cfg or self.loss_cfg
-        texts = list(batch["texts"])
-        ref, tgt = self._feats(batch, "ref"), self._feats(batch, "tgt")
-        target = self.encode_target(tgt)
-        scale = self.scale()
-        if lc.objective == "infonce":
-            q = self.encode_composed(ref, texts)
-            loss = info_nce(q, target, scale, lc.gather, lc.symmetric)
-            out = {"loss": loss, "composed": loss.detach()}
-        elif lc.objective == "collm3":
-            w = lc.collm_weights
-            comp = self.encode_composed(ref, texts) if w[0] else None
-            img = self.encode_image_query(ref if lc.collm_image_query == "ref" else tgt) if w[1] else None
-            captions = batch.get("captions")
-            txt = self.encode_text_query(list(captions) if captions is not None else texts) if w[2] else None
-            out = collm_three_way(comp, img, txt, target, scale, w, lc.gather, lc.symmetric)
-        elif lc.objective == "ptha":
-            out = self._ptha(batch, lc, ref, tgt, texts, target, scale)
-        else:
-            raise ValueError(f"unknown objective {lc.objective!r}")
-        out = {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
-        out["logit_scale"] = scale.detach().reshape(())
-        return out
-
-    def _ptha(self, batch, lc, ref, tgt, texts, target, scale) -> dict:
-        proto = self.encode_composed(ref, texts)              # hop 1
-        query = self.encode_prototype_composed(proto, texts)  # hop 2
-        t2t = self.encode_text_query(texts) if lc.w_t2t else None
-        rev_texts = batch.get("reverse_texts")
-        keep = [i for i, t in enumerate(rev_texts or []) if t is not None]
-        rev = None
-        if keep and lc.w_p2p:
-            # the reverse side is stop-gradient anyway: no graph saves memory and time.
-            with torch.no_grad():
-                rev = self.encode_composed(tgt[keep], [rev_texts[i] for i in keep])
-            proto = proto[keep]
-        return ptha_loss(query, target, t2t, proto, rev, scale, lc.w_t2t, lc.w_p2p, lc.p2p_kind, lc.gather)
-
     def trainable_parameters_summary(self) -> str:
         groups = {"visual": self.visual, "adapter": self.adapter, "prototype_adapter": self.prototype_adapter,
                   "llm": self.llm, "proj": self.proj, "target_proj": self.target_proj}
@@ -417,5 +203,5 @@ class Composer(nn.Module):
         return "\n".join([head] + lines)
 
 
-def build_composer(cfg: ComposerConfig | None = None, loss_cfg: LossConfig | None = None) -> Composer:
-    return Composer(cfg or ComposerConfig(), loss_cfg)
+def build_composer(cfg: ComposerConfig | None = None) -> Composer:
+    return Composer(cfg or ComposerConfig())

@@ -16,11 +16,8 @@ weights.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +25,9 @@ import numpy as np
 import torch
 
 FORMAT = "cir-composer"
-FORMAT_VERSION = 1
+# 2: the retrieval query is the composer config's `query_hops` (version 1 exports name
+# the training loss instead; a PTHA loss there means hop 2).
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LLM_DIR = "llm"
@@ -42,11 +41,11 @@ def export_composer(model, cfg=None, out_dir: str | Path = "export", extra: dict
 
     from cir.models import llm as llm_lib
 
+    from cir.outputs import atomic_path, write_json_atomic
+
     cfg = cfg or model.cfg
     out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_path(out, directory=True) as tmp:
         llm_lib.unwrap(model.llm).config.save_pretrained(tmp / LLM_DIR)
         model.tokenizer.save_pretrained(str(tmp / LLM_DIR))
         # Cloned tensors: under DeepSpeed, parameters are views into flat buffers,
@@ -54,22 +53,16 @@ def export_composer(model, cfg=None, out_dir: str | Path = "export", extra: dict
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT,
                                                              "format_version": str(FORMAT_VERSION)})
-        meta = {
+        write_json_atomic(tmp / CONFIG_FILE, {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "composer": cfg.to_dict(),
+            "composer": asdict(cfg),
             "lora": "unmerged" if cfg.lora else "none",
             "weights": WEIGHTS_FILE, "llm_folder": LLM_DIR,
             "preprocess_cfg": _jsonable(model.preprocess_cfg),
             "d_clip": model.d_clip, "embed_dim": model.embed_dim, "hidden": model.hidden,
             "decoder_only": model.decoder_only, "pooling": model.pooling,
-            "loss": model.loss_cfg.to_dict(),
             "extra": extra or {},
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        })
     return out
 
 
@@ -79,16 +72,6 @@ def _jsonable(x):
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_export_config(out_dir: str | Path) -> dict:
@@ -101,6 +84,10 @@ def read_export_config(out_dir: str | Path) -> dict:
     if int(meta.get("format_version", -1)) > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta['format_version']} is newer than this code "
                          f"reads ({FORMAT_VERSION})")
+    if int(meta["format_version"]) == 1:
+        trained_with_ptha = (meta.pop("loss", None) or {}).get("objective") == "ptha"
+        meta["composer"]["query_hops"] = 2 if trained_with_ptha and meta["composer"].get(
+            "prototype_adapter", True) else 1
     return meta
 
 
@@ -110,26 +97,25 @@ def load_composer(out_dir: str | Path, device: str = "cpu"):
     so the caller's random stream is untouched) and overwrites every tensor."""
     from safetensors.torch import load_model
 
-    from cir.losses import LossConfig
+    from cir.config import from_dict
     from cir.models.composer import Composer, ComposerConfig
 
     out = Path(out_dir)
     meta = read_export_config(out)
-    cfg = ComposerConfig.from_dict(meta["composer"])
+    cfg = from_dict(ComposerConfig, meta["composer"], f"{out / CONFIG_FILE}: composer")
     pre = dict(meta["preprocess_cfg"])
     for k in ("size", "mean", "std"):
         if isinstance(pre.get(k), list):
             pre[k] = tuple(pre[k])
     with torch.random.fork_rng(devices=[]):
-        model = Composer(cfg, LossConfig(**meta["loss"]) if meta.get("loss") else None,
-                         llm_folder=out / meta.get("llm_folder", LLM_DIR), preprocess_cfg=pre,
+        model = Composer(cfg, llm_folder=out / meta.get("llm_folder", LLM_DIR), preprocess_cfg=pre,
                          load_pretrained=False)
     load_model(model, str(out / meta.get("weights", WEIGHTS_FILE)), strict=True)
     return model.to(device).eval()
 
 
 class ComposerQueryEncoder:
-    """The `cir.baselines.QueryEncoder` interface over an exported composer.
+    """The `cir.query_encoders.QueryEncoder` interface over an exported composer.
 
     Queries: (reference image, text) -> composed query; a None text gives the image-only
     query and a None image the text-only one. Gallery: the target path."""

@@ -9,23 +9,16 @@ The DDP fallback checkpoints through safetensors (model, AdamW moments) + JSON.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import math
 import os
 from pathlib import Path
 
 import torch
 
+from cir.optim import warmup_cosine
+
 DS_TAG = "state"
-
-
-def cosine_with_warmup(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def deepspeed_config(micro: int, accum: int, world: int, zero_stage: int, precision: str,
@@ -63,7 +56,8 @@ class Engine:
         self.accum = o.grad_accum
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(o.warmup_steps, total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(warmup_cosine, warmup=o.warmup_steps, total=total_steps))
         self.deepspeed = ds_settings.enabled
         self.micro_steps = 0
         if self.deepspeed:

@@ -1,0 +1,69 @@
+"""The composer's typed config (no torch: jobs validate it before anything loads)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMG, TEXT = "<img>", "{text}"
+
+
+@dataclass
+class ComposerConfig:
+    vision: str = "cir-tiny"                 # open_clip name, e.g. "ViT-L-14/openai"
+    vision_trainable: bool = False
+    llm: str = "builtin:tiny-bert"           # HF id or folder, "minilm", "builtin:tiny-bert"
+    llm_dtype: str = "float32"
+    lora: bool = True
+    llm_trainable: str | None = None         # lora | full | frozen; None: lora if lora else frozen
+    lora_r: int = 16                         # r/alpha/dropout: the E5-Mistral / SFR-Embedding
+    lora_alpha: int = 32                     # LoRA recipe (r 16, alpha 32, dropout 0.1)
+    lora_dropout: float = 0.1
+    lora_targets: list[str] | None = None    # None: by model type (llm.default_lora_targets)
+    n_visual_tokens: int = 4
+    adapter_hidden: int | None = None        # None: the LLM hidden size
+    pooling: str | None = None               # mean | last | cls; None: mean (encoder) / last (decoder)
+    append_eos: bool | None = None           # None: True for decoder-only models (last-token pooling
+                                             # reads the EOS state, as SFR-Embedding / E5-Mistral do)
+    embed_dim: int | None = None             # None: the CLIP embed dim
+    target_path: str = "vision"              # vision | composer
+    prototype_adapter: bool = True           # PTHA hop 2 (unused by infonce/collm3)
+    residual: bool = False                   # composed query = LLM output + reference in target space
+    # The retrieval query: 1, the composed query; 2, PTHA's hop 2 over the hop-1 prototype.
+    # Training sets it to what the stage's objective aligns with the target, so an export
+    # carries the query it was trained for.
+    query_hops: int = 1
+    composed_template: str = ("Retrieve an image that matches the reference image <img> "
+                              "modified as follows: {text}")
+    image_template: str = "Represent the image <img>"
+    text_template: str = "Retrieve an image that matches: {text}"
+    prototype_template: str | None = None    # None: composed_template
+    max_text_tokens: int = 64
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.llm_trainable is None:
+            self.llm_trainable = "lora" if self.lora else "frozen"
+        if self.llm_trainable not in ("lora", "full", "frozen"):
+            raise ValueError(f"llm_trainable must be lora, full or frozen, got {self.llm_trainable!r}")
+        if self.llm_trainable == "lora" and not self.lora:
+            raise ValueError("llm_trainable='lora' needs lora=True")
+        if self.pooling not in (None, "mean", "last", "cls"):
+            raise ValueError(f"pooling must be mean, last or cls, got {self.pooling!r}")
+        if self.target_path not in ("vision", "composer"):
+            raise ValueError(f"target_path must be vision or composer, got {self.target_path!r}")
+        if self.residual and self.target_path != "vision":
+            raise ValueError("residual=True needs target_path='vision' (the reference in target space)")
+        if self.n_visual_tokens < 1:
+            raise ValueError("n_visual_tokens must be >= 1")
+        if self.query_hops not in (1, 2):
+            raise ValueError(f"query_hops must be 1 or 2, got {self.query_hops}")
+        if self.query_hops == 2 and not self.prototype_adapter:
+            raise ValueError("query_hops=2 (PTHA's hop-2 query) needs prototype_adapter=True")
+        checks = [("composed_template", 1, 1), ("image_template", 1, 0), ("text_template", 0, 1)]
+        if self.prototype_template is not None:
+            checks.append(("prototype_template", 1, 1))
+        for name, n_img, n_text in checks:
+            t = getattr(self, name)
+            if t.count(IMG) != n_img or t.count(TEXT) != n_text:
+                raise ValueError(f"{name} must hold {IMG} {n_img}x and {TEXT} {n_text}x: {t!r}")
+        if self.lora_targets is not None:
+            self.lora_targets = list(self.lora_targets)
