@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cir.config import load_config
@@ -68,32 +67,43 @@ def test_deepspeed_zero2_resumes_after_a_failure_without_lost_or_repeated_steps(
     assert run_training(cfg) == export
 
 
-def test_export_reloads_with_identical_embeddings(ray_session, tmp_path, small_benchmark):
+def test_the_export_is_the_model_as_trained(ray_session, tmp_path, small_benchmark):
+    """Reloaded here, the export retrieves as the trained model did in its worker at the
+    last step (the engine's flat ZeRO-2 buffers are cloned out), and it is not the
+    untrained model."""
     import torch
 
+    from cir.models.composer import build_composer
     from cir.models.export import load_composer
-    from cir.train.run import run_training
+    from cir.train.loop import evaluate_recall
+    from cir.train.run import build_val, features_folder, run_folder, run_training
 
     cfg = tiny_config(tmp_path, **{"stages": [{"name": "finetune", "data": {
         "source": "benchmark", "limit": 128, "benchmark_dir": str(small_benchmark)},
-        "optim": {"micro_batch_size": 16, "max_steps": 2}}]}, run__eval_every=0)
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 16, "max_steps": 4}}]},
+        run__eval_every=4, run__eval_limit=60)
     export = run_training(cfg)
-    a, b = load_composer(export), load_composer(export)
-    feats = torch.nn.functional.normalize(torch.randn(4, a.d_clip), dim=-1)
-    texts = ["make the small red circle at the top left blue"] * 4
-    with torch.no_grad():
-        np.testing.assert_array_equal(a.encode_composed(feats, texts).numpy(), b.encode_composed(feats, texts).numpy())
+    final = json.loads((run_folder(cfg) / "finetune" / "history.json").read_text())[-1]
+    assert final["step"] == 4 and "val_target_cos" in final
+    val = build_val(str(small_benchmark), cfg.model.vision, "val", 60, features_folder(cfg))  # the run's
+    reloaded = evaluate_recall(load_composer(export), val)
+    assert reloaded["val_target_cos"] == pytest.approx(final["val_target_cos"], abs=1e-5)
+    for k in (1, 5, 10):  # at most one query flips on a tie computed in another process
+        assert abs(reloaded[f"val_recall@{k}"] - final[f"val_recall@{k}"]) <= 100 / 60 + 1e-9
+    torch.manual_seed(cfg.stages[0].data.seed)  # the worker's init, before any step
+    untrained = build_composer(cfg.model).state_dict()
+    moved = {k: (v - untrained[k]).abs().max().item() for k, v in load_composer(export).state_dict().items()}
+    assert max(moved.values()) > 1e-3 and moved["visual.conv1.weight"] == 0  # trained; the tower frozen
 
 
 def test_short_training_learns(ray_session, tmp_path, small_benchmark):
     """Recall@10 on the val split far above the untrained composer's."""
     import torch
 
-    from cir.losses import LossConfig
     from cir.models.composer import ComposerConfig, build_composer
     from cir.models.export import load_composer
     from cir.train.loop import evaluate_recall
-    from cir.train.run import build_val, run_training
+    from cir.train.run import build_val, features_folder, run_training
 
     model = {"vision": "cir-shapes", "llm": "builtin:tiny-bert"}
     cfg = tiny_config(tmp_path, model=model, run__eval_every=0, run__checkpoint_every=1000,
@@ -101,9 +111,9 @@ def test_short_training_learns(ray_session, tmp_path, small_benchmark):
                                      "data": {"source": "benchmark", "benchmark_dir": str(small_benchmark)},
                                      "optim": {"lr": 2e-3, "warmup_steps": 5, "epochs": 12, "micro_batch_size": 16},
                                      "loss": {"objective": "infonce"}}]})
-    val = build_val(str(small_benchmark), "cir-shapes", "val", 60)
+    val = build_val(str(small_benchmark), "cir-shapes", "val", 60, features_folder(cfg))
     torch.manual_seed(0)
-    untrained = evaluate_recall(build_composer(ComposerConfig.from_dict(model), LossConfig()), val)
+    untrained = evaluate_recall(build_composer(ComposerConfig(**model)), val)
     trained = evaluate_recall(load_composer(run_training(cfg)), val)
     assert trained["val_recall@10"] >= max(3 * untrained["val_recall@10"], untrained["val_recall@10"] + 20), \
         (untrained, trained)
@@ -128,13 +138,10 @@ def test_a_run_name_is_tied_to_its_settings(tmp_path):
 
 def test_train_job_refuses_a_run_name_trained_with_other_settings(tmp_path, capsys):
     """Before Ray starts, with the job's own error format, not a traceback from a worker."""
-    import importlib.util
-
     from cir.train.run import claim_stage, check_run_settings, stage_settings
+    from conftest import load_job
 
-    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("train")
     yaml = REPO / "configs" / "train" / "tiny_test.yaml"
     cfg = load_config(TrainConfig, yaml, [("run.storage", str(tmp_path / "runs"))])
     check_run_settings(cfg)  # a new name: nothing to compare

@@ -1,23 +1,33 @@
-"""Training examples from the CIRR and FashionIQ train splits (`reader_triplets`), on
-tiny fake releases in the real file formats with PNG/JPEG images; the stage config's
-validation for these benchmarks; `build_examples` dispatching to them."""
+"""Training examples from benchmark train splits (`benchmark_triplets`): CIRR and
+FashionIQ on tiny fake releases in the real file formats with PNG/JPEG images, shapes
+through its reader; their images encoded by Ray Data into the run's feature cache (one
+and two encoder actors); the stage config's validation; `build_examples` dispatching."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from cir.benchmarks import load_cirr, load_fashioniq, load_fashioniq_all
 from cir.benchmarks.fashioniq import join_captions
 from cir.config import load_config
+from cir.embed import EmbedSettings, Embedder
+from cir.outputs import read_table
+from cir.schemas import embedding_matrix
 from cir.train.config import DataConfig, TrainConfig
 from cir.train.run import build_examples
-from cir.train.sources import EXAMPLE_COLUMNS, encode_images, feature_matrix, reader_triplets
+from cir.train.sources import EXAMPLE_COLUMNS, benchmark_triplets
 from conftest import REPO
 
 VISION = "cir-tiny"
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def examples(benches, cache, **kwargs):
+    return benchmark_triplets(benches, VISION, cache, EmbedSettings(batch_size=4), **kwargs)
 
 
 def _image(path: Path, k: int) -> None:
@@ -72,7 +82,9 @@ def fake_fashioniq_train(root: Path) -> tuple[Path, Path]:
 
 
 def _embed(bench, ids) -> np.ndarray:
-    return encode_images([bench.image_bytes(i) for i in ids], VISION)
+    """What the embedding stage gives, computed here in this process."""
+    table = pa.table({"image_id": list(ids), "image": [bench.image_bytes(i) for i in ids]})
+    return embedding_matrix(Embedder(VISION, threads=1)(table).column("embedding"))
 
 
 def _check_features(table, benches) -> None:
@@ -82,45 +94,71 @@ def _check_features(table, benches) -> None:
     assert table.column("reverse_text").null_count == table.num_rows
     for col, ids in (("ref_feat", [q.ref_id for _, q in queries]),
                      ("tgt_feat", [q.target_ids[0] for _, q in queries])):
-        np.testing.assert_allclose(feature_matrix(table.column(col)), _embed(benches[0], ids), atol=1e-5)
+        np.testing.assert_allclose(embedding_matrix(table.column(col)), _embed(benches[0], ids), atol=1e-5)
 
 
 def test_cirr_train_split_gives_examples_of_the_right_images(tmp_path):
     ann, images = fake_cirr_train(tmp_path)
     bench = load_cirr("train", ann, images)
-    table = reader_triplets(bench, VISION)
+    table = examples(bench, tmp_path / "features")
     assert tuple(table.column_names) == EXAMPLE_COLUMNS
     assert set(table.column("source").to_pylist()) == {"cirr:train"}
     assert table.column("text").to_pylist()[0] == "make it look like 0"
     _check_features(table, [bench])
-    assert reader_triplets(bench, VISION, limit=2).num_rows == 2
+    assert examples(bench, tmp_path / "features", limit=2).num_rows == 2
 
 
-def test_fashioniq_all_categories_encode_each_used_image_once(tmp_path, monkeypatch):
-    from cir.encoders import ClipEncoder
-
+def test_fashioniq_all_categories_encode_each_used_image_once(tmp_path):
     ann, images = fake_fashioniq_train(tmp_path)
     benches = list(load_fashioniq_all("train", ann, images).values())
-    encoded = []
-    original = ClipEncoder.encode_images
-    monkeypatch.setattr(ClipEncoder, "encode_images",
-                        lambda self, ims: encoded.extend(ims) or original(self, ims))
-    table = reader_triplets(benches, VISION, batch_size=4)
-    assert len(encoded) == 3 * 3  # per category: 3 of its 4 images are used
-    monkeypatch.undo()
+    table = examples(benches, tmp_path / "features")
+    for cat in ("dress", "shirt", "toptee"):  # per category: 3 of its 4 images are used
+        [folder] = (tmp_path / "features").glob(f"fashioniq-{cat}-train-*")
+        cache = read_table(folder)
+        assert sorted(cache.column("image_id").to_pylist()) == [f"B0{cat[:2].upper()}{i}" for i in range(3)]
     assert table.column("text").to_pylist()[0] == join_captions("is dressdier.", "has sleeves")
     assert table.column("source").to_pylist() == [f"fashioniq-{c}:train" for c in ("dress", "shirt", "toptee")
                                                   for _ in range(2)]
     _check_features(table, benches)
-    assert reader_triplets(benches, VISION, limit=3).column("source").to_pylist() == [
+    assert examples(benches, tmp_path / "features", limit=3).column("source").to_pylist() == [
         "fashioniq-dress:train", "fashioniq-dress:train", "fashioniq-shirt:train"]
+
+
+def _embedder_actors() -> set:
+    from ray.util.state import list_actors
+
+    return {a.pid for a in list_actors(limit=10_000) if a.class_name == "MapWorker(MapBatches(Embedder))"}
+
+
+def test_the_feature_cache_is_built_by_two_encoder_actors_and_reused(tmp_path, capsys):
+    from cir.benchmarks import load_shapes
+    from cir.data.shapes_corpus import write_benchmark
+    from cir.train.features import benchmark_features
+
+    bench = load_shapes("val", write_benchmark(tmp_path / "bench", seed=4, n_train=4, n_val=40, n_test=4))
+    two = EmbedSettings(batch_size=8, num_actors=2, cpus_per_actor=0.5)
+    before = _embedder_actors()
+    f = benchmark_features(bench, bench.gallery_ids, VISION, tmp_path / "features", two)
+    assert len(_embedder_actors() - before) == 2 and not f.failed  # two actors (pids) did the work
+    np.testing.assert_allclose(f.vectors[[f.index[i] for i in bench.gallery_ids]],
+                               _embed(bench, bench.gallery_ids), atol=1e-5)
+    [cache] = (tmp_path / "features").glob("shapes-val-*")
+    assert json.loads((cache / "_SUCCESS.json").read_text())["rows"] == len(bench.gallery_ids)
+    stamp = (cache / "_SUCCESS.json").stat().st_mtime_ns
+    again = benchmark_features(bench, bench.gallery_ids, VISION, tmp_path / "features", two)
+    assert "reusing" in capsys.readouterr().err and (cache / "_SUCCESS.json").stat().st_mtime_ns == stamp
+    assert np.array_equal(again.vectors, f.vectors)
+    # other images (or another vision model) are not served from it, but get a cache of their own
+    fewer = benchmark_features(bench, bench.gallery_ids[:10], VISION, tmp_path / "features", two)
+    assert len(fewer.index) == 10 and "encoding 10 images" in capsys.readouterr().err
+    assert len(list((tmp_path / "features").glob("shapes-val-*"))) == 2
 
 
 def test_missing_and_unreadable_images_are_named_and_skipped(tmp_path, capsys):
     ann, images = fake_cirr_train(tmp_path)
     (images / "train/2/train-5-0-img1.png").unlink()          # reference of query 3
     (images / "train/1/train-4-0-img0.png").write_bytes(b"no png")  # target of query 2
-    table = reader_triplets(load_cirr("train", ann, images), VISION)
+    table = examples(load_cirr("train", ann, images), tmp_path / "features")
     assert table.column("text").to_pylist() == ["make it look like 0", "make it look like 1"]
     err = capsys.readouterr().err
     assert "WARNING: 2 of 6 images could not be read, so 2 of 4 queries are left out" in err
@@ -129,9 +167,9 @@ def test_missing_and_unreadable_images_are_named_and_skipped(tmp_path, capsys):
     for png in images.rglob("*.png"):
         png.unlink()
     with pytest.raises(FileNotFoundError, match="first: train-0-0-img0.*no training example is left"):
-        reader_triplets(load_cirr("train", ann, images), VISION)
+        examples(load_cirr("train", ann, images), tmp_path / "features")
     with pytest.raises(FileNotFoundError, match="image folder .*nowhere does not exist"):
-        reader_triplets(load_cirr("train", ann, tmp_path / "nowhere"), VISION)
+        examples(load_cirr("train", ann, tmp_path / "nowhere"), tmp_path / "features")
 
 
 def test_queries_without_targets_are_an_error(tmp_path):
@@ -140,7 +178,7 @@ def test_queries_without_targets_are_an_error(tmp_path):
     cap.write_text(json.dumps([{"candidate": "B0DR0", "captions": ["a", "b"]}]))
     (ann / "image_splits" / "split.dress.test.json").write_text(json.dumps(["B0DR0"]))
     with pytest.raises(ValueError, match="1 of 1 queries have no target"):
-        reader_triplets(load_fashioniq("dress", "test", ann, images), VISION)
+        examples(load_fashioniq("dress", "test", ann, images), tmp_path / "features")
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -172,11 +210,22 @@ def test_build_examples_from_the_example_cirr_config(tmp_path):
         data.validate("stages[finetune]")
     data.annotations, data.images = str(ann), str(images)
     data.validate("stages[finetune]")
-    table = build_examples(data, VISION)
+    table = build_examples(data, VISION, tmp_path / "features")
     _check_features(table, [load_cirr("train", ann, images)])
 
     ann, images = fake_fashioniq_train(tmp_path / "fiq")
     data = DataConfig(benchmark="fashioniq", category="shirt", annotations=str(ann), images=str(images),
                       limit=1)
     data.validate("s")
-    assert build_examples(data, VISION).column("source").to_pylist() == ["fashioniq-shirt:train"]
+    assert build_examples(data, VISION, tmp_path / "features").column("source").to_pylist() == [
+        "fashioniq-shirt:train"]
+
+    from cir.benchmarks import load_shapes
+    from cir.data.shapes_corpus import write_benchmark
+
+    root = write_benchmark(tmp_path / "shapes", seed=5, n_train=12, n_val=4, n_test=4)
+    shapes = build_examples(DataConfig(benchmark_dir=str(root), limit=10), VISION, tmp_path / "features")
+    queries = load_shapes("train", root).queries[:10]
+    assert shapes.column("source").to_pylist() == ["shapes:train"] * 10
+    assert shapes.column("reverse_text").to_pylist() == [q.meta["reverse_text"] for q in queries]
+    assert all(shapes.column("reverse_text").to_pylist())

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cir.benchmarks.shapes import DEFAULT_ROOT as SHAPES_DEFAULT_ROOT
+from cir.embed import EmbedSettings
+from cir.losses import LossConfig
+from cir.models.config import ComposerConfig
+
 SOURCES = ("synth", "slerp", "benchmark")
 BENCHMARKS = ("shapes", "cirr", "fashioniq")          # those with an annotated train split
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee", "all")
+FEATURES_DIR = "features"                             # the feature cache under run.storage
 
 
 @dataclass
@@ -15,7 +21,7 @@ class DataConfig:
     source: str = "benchmark"          # synth | slerp | benchmark
     synth_dir: str | None = None       # jobs/synth.py output (synth and slerp sources)
     benchmark: str = "shapes"          # shapes | cirr | fashioniq (source benchmark)
-    benchmark_dir: str = "outputs/shapes-benchmark"   # shapes only
+    benchmark_dir: str = SHAPES_DEFAULT_ROOT   # shapes only (written on first use when the default)
     annotations: str | None = None     # cirr / fashioniq: the release folder (captions/, image_splits/)
     images: str | None = None          # cirr / fashioniq: image root (CIRR: the folder holding train/)
     category: str = "all"              # fashioniq: dress | shirt | toptee | all
@@ -72,7 +78,7 @@ class StageConfig:
     name: str = "finetune"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: dict = field(default_factory=lambda: {"objective": "infonce"})  # cir.losses.LossConfig
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 @dataclass
@@ -101,16 +107,14 @@ class RunSettings:
 
 @dataclass
 class TrainConfig:
-    model: dict = field(default_factory=lambda: {"vision": "cir-tiny", "llm": "builtin:tiny-bert"})
+    model: ComposerConfig = field(default_factory=ComposerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     run: RunSettings = field(default_factory=RunSettings)
+    # How the frozen vision tower's feature cache is encoded (Ray Data, cir.embed).
+    embed: EmbedSettings = field(default_factory=EmbedSettings)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
     def validate(self) -> None:
-        from cir.losses import LossConfig
-        from cir.models.composer import ComposerConfig
-
-        ComposerConfig.from_dict(self.model)
         if not self.stages:
             raise ValueError("stages: at least one stage is needed")
         names = [s.name for s in self.stages]
@@ -119,7 +123,8 @@ class TrainConfig:
         for stage in self.stages:
             where = f"stages[{stage.name}]"
             stage.data.validate(where)
-            LossConfig(**stage.loss)
+            if stage.loss.objective == "ptha" and not self.model.prototype_adapter:
+                raise ValueError(f"{where}.loss: the ptha objective needs model.prototype_adapter: true")
             o = stage.optim
             if o.micro_batch_size < 2:
                 raise ValueError(f"{where}.optim.micro_batch_size must be >= 2 (in-batch negatives)")
@@ -131,3 +136,7 @@ class TrainConfig:
             raise ValueError(f"deepspeed.precision must be fp32, bf16 or fp16, got {self.deepspeed.precision!r}")
         if self.run.num_workers < 1:
             raise ValueError("run.num_workers must be >= 1")
+        if self.run.name in ("", FEATURES_DIR) or "/" in self.run.name:
+            raise ValueError(f"run.name {self.run.name!r}: a run needs a folder name of its own "
+                             f"(not empty, no '/', not {FEATURES_DIR!r}, the feature cache)")
+        self.embed.validate("embed")

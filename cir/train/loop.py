@@ -1,7 +1,8 @@
 """The Ray Train worker loop of one training stage.
 
-Every worker: builds the composer (from the previous stage's export when chained),
-wraps it in an `Engine` (DeepSpeed or DDP), restores the latest checkpoint if the
+Every worker: builds the composer (from the previous stage's export when chained) and
+the stage's objective around it (`cir.train.objectives`), wraps that in an `Engine`
+(DeepSpeed or DDP), restores the latest checkpoint if the
 run has one, then steps through its shard of the examples. Steps are counted in
 optimizer steps; a resumed run skips the micro-batches of the epoch it had already
 consumed, so no step is lost or repeated. Metrics go to `ray.train.report` every
@@ -23,34 +24,40 @@ from cir.config import from_dict
 from cir.train.config import DeepSpeedConfig, RunSettings, StageConfig
 
 
-def _batch(rows: dict) -> dict:
-    from cir.train.sources import feature_matrix
+def _features(column) -> torch.Tensor:
+    """[B, d] from a numpy batch's fixed_size_list column (an object array of rows)."""
+    return torch.from_numpy(np.stack(column).astype(np.float32))
 
+
+def training_batch(rows: dict) -> dict:
+    """An objective's batch from a numpy batch of training examples."""
     reverse = rows.get("reverse_text")
     return {
-        "ref_feats": torch.from_numpy(np.array(feature_matrix(rows["ref_feat"]))),
-        "tgt_feats": torch.from_numpy(np.array(feature_matrix(rows["tgt_feat"]))),
+        "ref_feats": _features(rows["ref_feat"]),
+        "tgt_feats": _features(rows["tgt_feat"]),
         "texts": [str(t) for t in rows["text"]],
         "reverse_texts": None if reverse is None else [None if t is None else str(t) for t in reverse],
     }
 
 
 @torch.no_grad()
-def evaluate_recall(module, val: dict, ks=(1, 5, 10), batch_size: int = 128) -> dict:
-    """Recall@k of composed queries against the split's gallery, reference excluded."""
-    was_training = module.training
-    module.eval()
-    gallery = torch.cat([module.encode_target(torch.tensor(val["gallery"][i:i + batch_size]))
-                         for i in range(0, len(val["gallery"]), batch_size)])
-    queries = torch.cat([module.encode_query(torch.tensor(val["ref_feats"][i:i + batch_size]),
-                                                val["texts"][i:i + batch_size])
-                         for i in range(0, len(val["texts"]), batch_size)])
-    scores = queries @ gallery.T
-    scores[torch.arange(len(scores)), torch.from_numpy(val["ref_index"])] = -float("inf")
-    target = torch.from_numpy(val["tgt_index"])
-    rank = (scores > scores[torch.arange(len(scores)), target][:, None]).sum(1)
-    module.train(was_training)
-    return {f"val_recall@{k}": float((rank < k).float().mean() * 100) for k in ks}
+def evaluate_recall(composer, val: dict, ks=(1, 5, 10), batch_size: int = 128) -> dict:
+    """Recall@k of the retrieval queries against the split's gallery (reference
+    excluded), and the mean cosine of each query with its target (which moves with
+    every weight, where recall moves in steps)."""
+    from cir.metrics import embedding_recall
+
+    was_training = composer.training
+    composer.eval()
+    gallery = torch.cat([composer.encode_target(torch.tensor(val["gallery"][i:i + batch_size]))
+                         for i in range(0, len(val["gallery"]), batch_size)]).numpy()
+    queries = torch.cat([composer.encode_query(torch.tensor(val["ref_feats"][i:i + batch_size]),
+                                               val["texts"][i:i + batch_size])
+                         for i in range(0, len(val["texts"]), batch_size)]).numpy()
+    composer.train(was_training)
+    recall = embedding_recall(queries, gallery, val["tgt_index"], ks, exclude=val["ref_index"])
+    target_cos = float(np.mean(np.sum(queries * gallery[val["tgt_index"]], axis=1)))
+    return {**{f"val_recall@{k}": r for k, r in recall.items()}, "val_target_cos": target_cos}
 
 
 def _peak_rss_mb() -> float:
@@ -71,9 +78,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from cir.losses import LossConfig
-    from cir.models.composer import ComposerConfig, build_composer
+    from cir.models.composer import build_composer
+    from cir.models.config import ComposerConfig
     from cir.train.engine import Engine
+    from cir.train.objectives import build_objective
 
     stage = from_dict(StageConfig, config["stage"], "stage")
     run = from_dict(RunSettings, config["run"], "run")
@@ -84,13 +92,14 @@ def train_loop_per_worker(config: dict) -> None:
     _seed_everything(stage.data.seed)
     device = ray.train.torch.get_device()
 
-    model = build_composer(ComposerConfig.from_dict(config["model"]), LossConfig(**stage.loss))
+    composer = build_composer(from_dict(ComposerConfig, config["model"], "model"))
     if config.get("init_from"):
         from safetensors.torch import load_model
 
-        load_model(model, str(Path(config["init_from"]) / "model.safetensors"), strict=True)
+        load_model(composer, str(Path(config["init_from"]) / "model.safetensors"), strict=True)
     total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
-    engine = Engine(model.to(device), stage, ds_settings, world, total_steps, device)
+    engine = Engine(build_objective(composer, stage.loss).to(device), stage, ds_settings, world, total_steps,
+                    device)
 
     start_step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -113,7 +122,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break  # equal step counts on every rank, whatever the shard sizes
             if i < done_in_epoch * accum:
                 continue  # consumed before the checkpoint we resumed from
-            out = engine.train_micro_batch(_batch(rows))
+            out = engine.train_micro_batch(training_batch(rows))
             losses.append(float(out["loss"].detach()))
             if (i + 1) % accum:
                 continue
@@ -129,7 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
                            "peak_rss_mb": _peak_rss_mb()}
                 losses, t_window = [], time.perf_counter()
             if val is not None and (step % run.eval_every == 0 or final):
-                metrics = {**(metrics or {"step": step}), **evaluate_recall(engine.module, val)}
+                metrics = {**(metrics or {"step": step}), **evaluate_recall(engine.module.composer, val)}
             if metrics:
                 history.append(metrics)
             if final:
@@ -157,7 +166,7 @@ def _report_final(engine, metrics, history, rank) -> None:
         engine.save(folder, {"step": metrics["step"], "history": history, "final": True}, rank)
         with _gathered(engine):
             if rank == 0:
-                export_composer(engine.module, out_dir=folder / "export")
+                export_composer(engine.module.composer, out_dir=folder / "export")
                 (folder / "history.json").write_text(json.dumps(history, indent=2))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 

@@ -2,23 +2,25 @@
 
 Layout under `run.storage`/`run.name`/: one folder per stage holding Ray Train's
 checkpoints, `export/` (the stage's model: safetensors + JSON, what evaluation and
-serving load), `history.json` and `curve.png`. A stage whose export exists is done;
+serving load), `history.json` and `curve.png`. Beside the runs, `run.storage`/features/
+holds the frozen vision tower's embeddings of the benchmark images the stages use
+(`cir.train.features`), shared by stages, reruns and runs on the same images and tower. A stage whose export exists is done;
 re-running the job with the same name resumes the first unfinished stage from its
 latest checkpoint.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 
+from cir.embed import EmbedSettings
+from cir.outputs import atomic_path, write_json_atomic
 from cir.progress import log
-from cir.train.config import DataConfig, StageConfig, TrainConfig
+from cir.train.config import FEATURES_DIR, DataConfig, StageConfig, TrainConfig
 
 
 def run_folder(cfg: TrainConfig) -> Path:
@@ -26,15 +28,27 @@ def run_folder(cfg: TrainConfig) -> Path:
     return Path(cfg.run.storage).resolve() / cfg.run.name
 
 
-def shapes_benchmark_root(benchmark_dir: str) -> Path:
-    from cir.evaluation.config import DEFAULT_SHAPES_DIR, EvalConfig
-    from cir.evaluation.data import ensure_shapes_benchmark
-
-    default = Path(benchmark_dir).resolve() == Path(DEFAULT_SHAPES_DIR).resolve()
-    return ensure_shapes_benchmark(EvalConfig(data=None if default else benchmark_dir))
+def features_folder(cfg: TrainConfig) -> Path:
+    """The feature cache of every run under `run.storage`."""
+    return Path(cfg.run.storage).resolve() / FEATURES_DIR
 
 
-def build_examples(data: DataConfig, vision: str) -> pa.Table:
+def load_train_benchmarks(data: DataConfig) -> list:
+    """The annotated split(s) a benchmark stage trains on, through `cir.benchmarks`:
+    shapes, CIRR, or one FashionIQ category (or all three)."""
+    from cir.benchmarks import load_benchmark, load_fashioniq_all
+    from cir.benchmarks.shapes import shapes_benchmark_root
+
+    if data.benchmark == "shapes":
+        return [load_benchmark("shapes", data.split, shapes_benchmark_root(data.benchmark_dir))]
+    if data.benchmark == "fashioniq" and data.category == "all":
+        return list(load_fashioniq_all(data.split, data.annotations, data.images).values())
+    name = f"fashioniq-{data.category}" if data.benchmark == "fashioniq" else data.benchmark
+    return [load_benchmark(name, data.split, data.annotations, data.images)]
+
+
+def build_examples(data: DataConfig, vision: str, features: Path, embed: EmbedSettings | None = None) -> pa.Table:
+    """A stage's training examples; benchmark images are encoded into `features`."""
     from cir.train import sources
 
     if data.source == "synth":
@@ -42,32 +56,26 @@ def build_examples(data: DataConfig, vision: str) -> pa.Table:
     if data.source == "slerp":
         return sources.slerp_triplets(data.synth_dir, vision, data.slerp_alpha, data.synthetic_share,
                                       data.seed, data.limit)
-    if data.benchmark == "shapes":
-        root = shapes_benchmark_root(data.benchmark_dir)
-        return sources.benchmark_triplets(root, vision, data.split, data.limit)
-    return sources.reader_triplets(load_train_benchmarks(data), vision, data.limit)
+    return sources.benchmark_triplets(load_train_benchmarks(data), vision, features, embed, data.limit)
 
 
-def load_train_benchmarks(data: DataConfig) -> list:
-    """The CIRR split, or the FashionIQ category's (or all three categories') splits."""
-    from cir.benchmarks import load_cirr, load_fashioniq, load_fashioniq_all
+def build_val(benchmark_dir: str, vision: str, split: str, limit: int, features: Path,
+              embed: EmbedSettings | None = None) -> dict:
+    """Features, texts and indices of a shapes split, for recall during training: the
+    first `limit` queries against the split's whole gallery."""
+    from cir.benchmarks import load_benchmark
+    from cir.benchmarks.shapes import shapes_benchmark_root
+    from cir.train.features import benchmark_features
 
-    if data.benchmark == "cirr":
-        return [load_cirr(data.split, data.annotations, data.images)]
-    if data.benchmark == "fashioniq":
-        if data.category == "all":
-            return list(load_fashioniq_all(data.split, data.annotations, data.images).values())
-        return [load_fashioniq(data.category, data.split, data.annotations, data.images)]
-    raise ValueError(f"benchmark {data.benchmark!r} has no train split reader here")
-
-
-def build_val(benchmark_dir: str, vision: str, split: str, limit: int) -> dict:
-    """Features, texts and indices of the val split, for recall during training."""
-    from cir.train.sources import shapes_split
-
-    s = shapes_split(shapes_benchmark_root(benchmark_dir), vision, split, limit)
-    return {"gallery": s.feats, "ref_feats": s.feats[s.ref], "ref_index": s.ref, "tgt_index": s.tgt,
-            "texts": s.queries.column("text").to_pylist()}
+    bench = load_benchmark("shapes", split, shapes_benchmark_root(benchmark_dir))
+    f = benchmark_features(bench, bench.gallery_ids, vision, features, embed)
+    if f.failed:
+        raise ValueError(f"{bench.name} {split}: {len(f.failed)} gallery images could not be read")
+    queries = bench.queries[:limit]
+    gallery = f.vectors[[f.index[i] for i in bench.gallery_ids]]
+    ref, tgt = bench.indices_of([q.ref_id for q in queries]), bench.indices_of([q.target_ids[0] for q in queries])
+    return {"gallery": gallery, "ref_feats": gallery[ref], "ref_index": ref, "tgt_index": tgt,
+            "texts": [q.text for q in queries]}
 
 
 def schedule(n_examples: int, stage: StageConfig, world: int) -> tuple[int, int]:
@@ -96,6 +104,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> P
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cir.raycluster import dataset_from_table
     from cir.train.loop import train_loop_per_worker
 
     run_dir = run_folder(cfg)
@@ -105,23 +114,23 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> P
     if (export / "config.json").is_file():
         log(f"stage {stage.name}: already exported at {export}, skipping")
         return export
-    vision = cfg.model.get("vision", "cir-tiny")
-    examples = build_examples(stage.data, vision)
+    vision, features = cfg.model.vision, features_folder(cfg)
+    examples = build_examples(stage.data, vision, features, cfg.embed)
     steps_per_epoch, total = schedule(examples.num_rows, stage, cfg.run.num_workers)
     log(f"stage {stage.name}: {examples.num_rows} examples ({stage.data.source}), "
         f"{steps_per_epoch} steps/epoch, {total} steps on {cfg.run.num_workers} workers")
     val = None
     if cfg.run.eval_every and stage.data.benchmark == "shapes":
-        val = ray.put(build_val(stage.data.benchmark_dir, vision, cfg.run.eval_split, cfg.run.eval_limit))
+        val = ray.put(build_val(stage.data.benchmark_dir, vision, cfg.run.eval_split, cfg.run.eval_limit,
+                                features, cfg.embed))
     n_blocks = max(cfg.run.num_workers * 4, examples.num_rows // 2048)
-    step = -(-examples.num_rows // n_blocks)
-    dataset = ray.data.from_arrow([examples.slice(i, step) for i in range(0, examples.num_rows, step)])
+    dataset = dataset_from_table(examples, -(-examples.num_rows // n_blocks))
     use_gpu = _use_gpu(cfg.run.use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "stage": asdict(stage), "run": asdict(cfg.run), "deepspeed": asdict(cfg.deepspeed),
-            "model": cfg.model, "init_from": str(init_from) if init_from else None,
+            "model": asdict(cfg.model), "init_from": str(init_from) if init_from else None,
             "total_steps": total, "steps_per_epoch": steps_per_epoch, "val": val,
         },
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
@@ -135,7 +144,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> P
     with result.checkpoint.as_directory() as folder:
         _install(Path(folder) / "export", export)
         history = json.loads((Path(folder) / "history.json").read_text())
-    (stage_dir / "history.json").write_text(json.dumps(history, indent=2))
+    write_json_atomic(stage_dir / "history.json", history, sort_keys=False)
     plot_curve(history, stage_dir / "curve.png", f"{cfg.run.name} / {stage.name}")
     log(f"stage {stage.name}: exported to {export}")
     return export
@@ -144,7 +153,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> P
 def stage_settings(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> dict:
     """What a stage's checkpoints and export depend on (JSON-normalised)."""
     return json.loads(json.dumps({
-        "model": cfg.model, "stage": asdict(stage), "deepspeed": asdict(cfg.deepspeed),
+        "model": asdict(cfg.model), "stage": asdict(stage), "deepspeed": asdict(cfg.deepspeed),
         "num_workers": cfg.run.num_workers, "init_from": str(init_from) if init_from else None,
     }))
 
@@ -161,19 +170,13 @@ def claim_stage(stage_dir: Path, settings: dict) -> None:
                 f"{stage_dir} was trained with other settings ({', '.join(changed)} differ); "
                 "use another run name (--name) or delete that folder to start over")
         return
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, settings, sort_keys=False)
 
 
 def _install(src: Path, dst: Path) -> None:
-    """Copy a finished export into place atomically (temp name, then rename)."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    """Copy a finished export into place atomically."""
+    with atomic_path(dst) as tmp:
+        shutil.copytree(src, tmp)
 
 
 def plot_curve(history: list[dict], path: Path, title: str) -> None:
@@ -199,10 +202,9 @@ def plot_curve(history: list[dict], path: Path, title: str) -> None:
     ax.legend(loc="upper right")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def check_run_settings(cfg: TrainConfig) -> None:
