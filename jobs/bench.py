@@ -18,7 +18,6 @@ measurements live in cir/bench.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,10 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+BENCHES = ("encode", "mine", "train")
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="*", default=["encode", "mine", "train"], choices=["encode", "mine", "train"])
+    # (no argparse choices: with nargs="*" they reject the empty default)
+    p.add_argument("what", nargs="*", help=f"any of {', '.join(BENCHES)} (default: all)")
     p.add_argument("--models", nargs="+", default=["cir-tiny", "ViT-B-32"])
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
@@ -45,8 +47,13 @@ def main(argv=None) -> int:
                    help="torch threads of the plain loop (a Ray worker on 2 cores with 2 workers runs 1)")
     p.add_argument("--output", default="outputs/bench")
     args = p.parse_args(argv)
+    args.what = args.what or list(BENCHES)
+    unknown = sorted(set(args.what) - set(BENCHES))
+    if unknown:
+        p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
 
     from cir.bench import bench_encode, bench_mine, bench_train
+    from cir.outputs import write_json_atomic
 
     results = {}
     if "encode" in args.what:
@@ -62,10 +69,8 @@ def main(argv=None) -> int:
                                        args.train_threads)
     if "mine" in args.what:
         results["mine"] = [bench_mine(n, args.dim, args.k, args.exact_limit, args.nprobe) for n in args.sizes]
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=2))
+    path = write_json_atomic(Path(args.output) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json", results,
+                             sort_keys=False)
     print(f"results written to {path}")
     return 0
 

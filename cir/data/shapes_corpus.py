@@ -22,8 +22,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +32,7 @@ import pyarrow.parquet as pq
 
 from cir.data.edits import apply_edit, diff, edit_text, random_edit
 from cir.data.shapes import Scene, caption, random_scene, render
+from cir.outputs import atomic_path
 from cir.schemas import CORPUS, TRIPLETS, require_columns
 
 BENCHMARK_FORMAT = "cir-shapes-benchmark"
@@ -107,25 +106,8 @@ def _atomic_dir(out_dir, overwrite: bool):
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_path(out, directory=True) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.replace(tmp, out)
 
 
 def _corpus_table(ids, images, captions, categories) -> pa.Table:
