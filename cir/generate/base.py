@@ -2,6 +2,7 @@
 and the output rows."""
 from __future__ import annotations
 
+import abc
 import hashlib
 from dataclasses import asdict
 
@@ -12,7 +13,7 @@ from cir import schemas
 INPUT_COLUMNS = ("pair_id", "ref_id", "tgt_id", "similarity", "ref_caption", "tgt_caption")
 
 
-class Backend:
+class Backend(abc.ABC):
     """A text-generation stage: `apply(pairs) -> triplets`, both Ray Datasets.
 
     `options` is the backend's own options dataclass; `batch_size` and `num_actors` are
@@ -33,8 +34,9 @@ class Backend:
         """What the triplets depend on: a finished stage made with another is refused."""
         return {"backend": self.name, "options": asdict(self.options)}
 
+    @abc.abstractmethod
     def apply(self, pairs):
-        raise NotImplementedError
+        """The triplets Dataset of a pairs Dataset (lazy: the synth job writes it)."""
 
 
 def triplet_id(pair_id: str, generator: str, index: int) -> str:

@@ -33,6 +33,10 @@ class ImageFeatures(NamedTuple):
     failed: dict[str, str]   # image id -> why it could not be read (missing file, no image)
 
 
+def _no_features(failed: dict[str, str]) -> ImageFeatures:
+    return ImageFeatures({}, np.zeros((0, 0), np.float32), failed)
+
+
 def image_refs(bench, image_ids) -> tuple[pa.Table, dict[str, str]]:
     """The images to encode (bytes of an in-memory benchmark, else file paths) and the
     ids whose file is missing, with the reason."""
@@ -68,7 +72,7 @@ def benchmark_features(bench, image_ids, vision: str, cache_root: str | Path,
     images, failed = image_refs(bench, list(dict.fromkeys(image_ids)))
     model = str(validate_encoder_name(vision))
     if images.num_rows == 0:
-        return ImageFeatures({}, np.zeros((0, 0), np.float32), failed)
+        return _no_features(failed)
     ids = sorted(images.column("image_id").to_pylist())
     fingerprint = {"encoder": model, "source": image_source(bench), "images": len(ids),
                    "ids_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest()}
@@ -88,6 +92,6 @@ def benchmark_features(bench, image_ids, vision: str, cache_root: str | Path,
     manifest = out.manifest(key)
     failed.update((b["image_id"], b["error"]) for b in manifest["bad_images"])
     if manifest["rows"] == 0:
-        return ImageFeatures({}, np.zeros((0, 0), np.float32), failed)
+        return _no_features(failed)
     emb = read_embeddings(out.path(key))
     return ImageFeatures(emb.index(), emb.vectors, failed)

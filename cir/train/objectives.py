@@ -9,6 +9,8 @@ query it aligns with the target (`query_hops`), which the export records.
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn as nn
 
@@ -24,7 +26,7 @@ def batch_features(composer, batch: dict, key: str) -> torch.Tensor:
     raise KeyError(f"batch needs {key}_feats or {key}_pixels")
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, abc.ABC):
     query_hops = 1
 
     def __init__(self, composer, loss: LossConfig):
@@ -41,8 +43,9 @@ class Objective(nn.Module):
         out["logit_scale"] = scale.detach().reshape(())
         return out
 
+    @abc.abstractmethod
     def losses(self, batch, texts, ref, tgt, target, scale) -> dict:
-        raise NotImplementedError
+        """{"loss": the total to minimise, and its named parts} of one batch."""
 
 
 class InfoNCEObjective(Objective):
