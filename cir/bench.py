@@ -154,3 +154,65 @@ def bench_train(config: str, steps: int, storage: str, threads: int) -> dict:
         log(f"train {workers} worker(s): {rate:.1f} samples/s = {rate / plain['samples_per_s']:.2f}x plain "
             f"({plain['samples_per_s']:.1f}/s)")
     return result
+
+
+def shapes_caption_pairs(n: int, seed: int = 0):
+    """`n` (reference, target) caption pairs of the shapes world, one random edit apart:
+    the pairs rows an LLM backend takes."""
+    import pyarrow as pa
+
+    from cir.data.edits import apply_edit, random_edit
+    from cir.data.shapes import caption, random_scene
+
+    rng = np.random.default_rng(seed)
+    refs, tgts = [], []
+    for _ in range(n):
+        scene = random_scene(rng)
+        refs.append(caption(scene))
+        tgts.append(caption(apply_edit(scene, random_edit(rng, scene))))
+    return pa.table({"pair_id": [f"bench-{i:05d}" for i in range(n)], "ref_id": [f"r{i}" for i in range(n)],
+                     "tgt_id": [f"t{i}" for i in range(n)], "similarity": pa.array([0.9] * n, pa.float32()),
+                     "ref_caption": refs, "tgt_caption": tgts})
+
+
+def bench_generate(model: str, n_pairs: int, batch_size: int, baseline_prompts: int, threads: int) -> dict:
+    """The `hf` backend's batched actor (Ray Data, left-padded batches; the actor's model
+    load included) against the same model answering one prompt at a time in this process
+    (model load excluded), on the modify prompt of `n_pairs` shapes pairs. The baseline
+    runs the first `baseline_prompts` of them: its rate does not depend on how many."""
+    import ray
+    import torch
+
+    from cir.generate.hf import ChatModel, HFBackend, HFOptions
+    from cir.generate.llm import TextTaskOptions
+
+    pairs = shapes_caption_pairs(n_pairs)
+    backend = HFBackend(HFOptions(model=model, torch_threads=threads), batch_size=batch_size, num_actors=1,
+                        task=TextTaskOptions(reverse=False))
+    task = backend.tasks()[0]
+    torch.set_num_threads(threads)
+    chat = ChatModel(model, threads=threads)     # converts a GGUF once, so the actor loads fast
+    rows = pairs.slice(0, baseline_prompts).to_pylist()
+    t0 = time.perf_counter()
+    tokens = sum(chat.chat([task.messages(r["ref_caption"], r["tgt_caption"])], task.max_new_tokens)[1][0]
+                 for r in rows)
+    loop_s, loop_tokens = time.perf_counter() - t0, tokens
+    del chat
+
+    t0 = time.perf_counter()
+    from cir.raycluster import dataset_from_table
+
+    out = backend.generate(dataset_from_table(pairs, batch_size), task, list(pairs.column_names)).take_all()
+    ray_s = time.perf_counter() - t0
+    ray_tokens = sum(r[task.output + "_tokens"] for r in out)
+    result = {"model": model, "pairs": n_pairs, "batch_size": batch_size, "threads": threads,
+              "baseline_prompts": baseline_prompts, "max_new_tokens": task.max_new_tokens,
+              "loop_rows_per_s": baseline_prompts / loop_s, "loop_tokens_per_s": loop_tokens / loop_s,
+              "ray_rows_per_s": len(out) / ray_s, "ray_tokens_per_s": ray_tokens / ray_s,
+              "ratio_rows": (len(out) / ray_s) / (baseline_prompts / loop_s),
+              "ratio_tokens": (ray_tokens / ray_s) / (loop_tokens / loop_s)}
+    log(f"generate {model}: one at a time {result['loop_rows_per_s']:.2f} rows/s "
+        f"{result['loop_tokens_per_s']:.1f} tok/s; batched actor (batch {batch_size}) "
+        f"{result['ray_rows_per_s']:.2f} rows/s {result['ray_tokens_per_s']:.1f} tok/s; "
+        f"ratio {result['ratio_rows']:.2f}x rows, {result['ratio_tokens']:.2f}x tokens")
+    return result

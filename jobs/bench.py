@@ -3,12 +3,16 @@
     python jobs/bench.py                       # everything below, default sizes
     python jobs/bench.py encode --models cir-tiny ViT-B-32 --images 512
     python jobs/bench.py mine --sizes 1000 10000 100000
+    python jobs/bench.py generate              # hf + SmolLM2 on 200 shapes pairs
 
 encode: the embedding stage as the synth job runs it (read_parquet -> actor pool ->
         write_parquet) against its callable in a plain in-process loop over the same
         images, model, batch size and torch threads. Ratio = Ray img/s / loop img/s.
 mine:   FAISS self-kNN time vs corpus size, and the approximate index's recall@k
         against exact search (on a sample of queries) where it is used.
+generate: rows/s and generated tokens/s of the `hf` backend's batched actor (Ray Data,
+        left-padded batches) against the same model answering one prompt at a time in
+        this process, on shapes caption pairs (default: SmolLM2, 200 pairs).
 train:  samples/s of the Ray Train + DeepSpeed loop (1 and 2 workers) against a plain
         single-process loop on the same composer, examples and micro-batch; peak RSS
         per worker.
@@ -25,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BENCHES = ("encode", "mine", "train")
+BENCHES = ("encode", "mine", "train", "generate")
 
 
 def main(argv=None) -> int:
@@ -45,6 +49,11 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=30)
     p.add_argument("--train-threads", type=int, default=1,
                    help="torch threads of the plain loop (a Ray worker on 2 cores with 2 workers runs 1)")
+    p.add_argument("--llm", default="smollm2", help="generate: the hf backend's model")
+    p.add_argument("--pairs", type=int, default=200, help="generate: caption pairs for the batched actor")
+    p.add_argument("--llm-batch-size", type=int, default=16)
+    p.add_argument("--baseline-prompts", type=int, default=24,
+                   help="generate: prompts the one-at-a-time baseline answers (its rate, not its total, counts)")
     p.add_argument("--output", default="outputs/bench")
     args = p.parse_args(argv)
     args.what = args.what or list(BENCHES)
@@ -67,6 +76,13 @@ def main(argv=None) -> int:
         init_ray()
         results["train"] = bench_train(args.train_config, args.train_steps, str(Path(args.output).resolve() / "runs"),
                                        args.train_threads)
+    if "generate" in args.what:
+        from cir.bench import bench_generate
+        from cir.raycluster import init_ray
+
+        init_ray()
+        results["generate"] = bench_generate(args.llm, args.pairs, args.llm_batch_size, args.baseline_prompts,
+                                             args.threads)
     if "mine" in args.what:
         results["mine"] = [bench_mine(n, args.dim, args.k, args.exact_limit, args.nprobe) for n in args.sizes]
     path = write_json_atomic(Path(args.output) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json", results,

@@ -2,11 +2,13 @@
 
     python jobs/synth.py                                   # embedded default: shapes world
     python jobs/synth.py --corpus path/to/images --output outputs/mine
-    ray job submit --working-dir . -- python jobs/synth.py --config configs/synth/cluster.yaml
+    python jobs/synth.py --config configs/synth/shapes_llm.yaml   # SmolLM2 writes the texts
+    ray job submit --working-dir . -- python jobs/synth.py --config configs/synth/cirr_vllm.yaml
 
 Stages (each a table folder under --output; a rerun resumes): corpus -> embeddings
 (Ray Data, CLIP actor pool) -> pairs (FAISS kNN in a similarity band) -> triplets
-(a text-generation backend). See cir/synth/pipeline.py.
+(a text-generation backend: template, or an LLM through hf / http / vllm, then the
+quality filter). See cir/synth/pipeline.py and the README's synth section.
 """
 from __future__ import annotations
 
@@ -51,6 +53,11 @@ def print_summary(summary, seconds: float) -> None:
         status = "reused" if r.skipped else "done"
         rate = f"{r.rows_per_s:9.1f}" if r.seconds > 0 else f"{'-':>9}"
         print(f"{name:<11} {r.rows:>9} {r.seconds:>9.1f} {rate}  {status:<8} {r.path}")
+    counts = summary.stages["triplets"].extra.get("filter")
+    if counts and counts.get("dropped") is not None:
+        dropped = ", ".join(f"{reason} {n}" for reason, n in counts["dropped"].items()) or "none"
+        print(f"\nfilter: {counts['kept']} of {counts['candidates']} generated texts kept; dropped: {dropped}"
+              f"{' (see ' + str(Path(summary.output) / 'rejected') + ')' if counts['dropped'] else ''}")
     if summary.bad_images:
         print(f"\n{len(summary.bad_images)} unreadable file(s) skipped:")
         for row in summary.bad_images:

@@ -33,3 +33,11 @@ def ray_session():
                  include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A save_pretrained folder of a tiny chat model with known answers (tests/tiny_llm.py)."""
+    from tiny_llm import build_tiny_chat_model
+
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))

@@ -5,8 +5,10 @@ rows are the mined pairs with both captions (`base.INPUT_COLUMNS`); its output r
 follow the triplets schema, zero, one or several per pair (`base.triplet_rows`). So a
 backend may be a `map_batches` over an actor pool (the template backend) or a
 `ray.data.llm` processor (which maps a Dataset to a Dataset). Each backend has a typed
-options dataclass, one section of the synth config's `generate` (`generate.template`),
-checked by `validate()` before any work starts. Backends are named here and imported
+options dataclass, one section of the synth config's `generate` (`generate.hf`, ...),
+checked by `validate()` before any work starts, and `check_cluster()` once Ray is up.
+The LLM backends (`hf`, `http`, `vllm`, see `llm.py`) share `generate.options`: texts
+per pair, reverse texts, prompts and sampling. Backends are named here and imported
 only when chosen, so that heavy ones never load where unused.
 """
 from __future__ import annotations
@@ -16,6 +18,9 @@ import importlib
 # name -> "module:Class"
 BACKENDS = {
     "template": "cir.generate.template:TemplateBackend",
+    "hf": "cir.generate.hf:HFBackend",
+    "http": "cir.generate.http:HttpBackend",
+    "vllm": "cir.generate.vllm:VLLMBackend",
 }
 
 
@@ -30,4 +35,5 @@ def backend_class(name: str):
 def build_backend(generate):
     """The backend a synth config's `generate` section chooses, with its options."""
     cls = backend_class(generate.backend)
-    return cls(generate.options(), batch_size=generate.batch_size, num_actors=generate.num_actors)
+    return cls(generate.backend_options(), batch_size=generate.batch_size, num_actors=generate.num_actors,
+               task=generate.options)

@@ -23,12 +23,17 @@ class Backend(abc.ABC):
     source = ""               # the triplets' `source` column
     needs_captions = True     # the corpus must have a caption per image
 
-    def __init__(self, options, batch_size: int, num_actors: int):
+    def __init__(self, options, batch_size: int, num_actors: int, task=None):
+        # `task` (generate.options) is what the LLM backends are asked to write.
         self.options, self.batch_size, self.num_actors = options, batch_size, num_actors
 
     def validate(self) -> None:
-        """Checks that need no data (models, packages, cluster resources): called before
-        the synth job writes anything."""
+        """Checks that need no data and no cluster (options, models, packages): called
+        before Ray starts."""
+
+    def check_cluster(self) -> None:
+        """Checks against the running cluster (e.g. GPUs): called after `ray.init`,
+        before the synth job writes anything."""
 
     def fingerprint(self) -> dict:
         """What the triplets depend on: a finished stage made with another is refused."""
@@ -66,3 +71,18 @@ def triplet_rows(pairs: pa.Table, keep: list[int], texts: list[str], reverse_tex
         },
         schema=schemas.TRIPLETS,
     )
+
+
+CANDIDATE_COLUMNS = ("ref_caption", "tgt_caption", "direction")
+
+
+def candidate_rows(triplets: pa.Table, pairs: pa.Table, keep: list[int], repeats: list[bool] | None = None) -> pa.Table:
+    """Triplet rows as the quality filter takes them: with the pair's captions (and image
+    `direction`, when the pairs carry one) and `repeats` (the text repeats an earlier one
+    of its pair)."""
+    take = pa.array(keep, type=pa.int64())
+    for name in CANDIDATE_COLUMNS:
+        if name in pairs.column_names:
+            triplets = triplets.append_column(name, pairs.column(name).take(take))
+    repeats = repeats if repeats is not None else [False] * len(keep)
+    return triplets.append_column("repeats", pa.array(repeats, type=pa.bool_()))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from cir.generate.base import Backend, triplet_rows
+from cir.generate.base import Backend, candidate_rows, triplet_rows
 
 GENERATOR_SHAPES = "template:shapes"
 GENERATOR_DIFF = "template:caption-diff"
@@ -90,10 +90,13 @@ class TemplateGenerator:
             keep.append(row)
             texts.append(forward)
             reverses.append(reverse)
-        return triplet_rows(batch, keep, texts, reverses, TemplateBackend.source, generators)
+        return candidate_rows(triplet_rows(batch, keep, texts, reverses, TemplateBackend.source, generators),
+                              batch, keep)
 
 
 class TemplateBackend(Backend):
+    """One exact text and its reverse per pair; `generate.options` does not apply."""
+
     name = "template"
     source = "template"
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cir.embed import EmbedSettings
+from cir.generate.hf import HFOptions
+from cir.generate.http import HttpOptions
+from cir.generate.llm import TextTaskOptions
+from cir.generate.quality import FilterConfig
 from cir.generate.template import TemplateOptions
+from cir.generate.vllm import VLLMOptions
 from cir.mining import MiningConfig
 
 
@@ -56,11 +61,23 @@ class GenerateConfig:
     backend: str = "template"
     batch_size: int = 256
     num_actors: int = 1
+    # Generate for at most this many pairs (0: all), a stable sample by pair id: an LLM
+    # is costly, so try a prompt on a few hundred pairs first.
+    max_pairs: int = 0
+    # What the LLM backends write and how they sample (cir.generate.llm).
+    options: TextTaskOptions = field(default_factory=TextTaskOptions)
     # One typed section of options per backend (cir.generate.BACKENDS); only the chosen
     # backend's section is used, and it is part of the triplets stage's fingerprint.
     template: TemplateOptions = field(default_factory=TemplateOptions)
+    hf: HFOptions = field(default_factory=HFOptions)
+    http: HttpOptions = field(default_factory=HttpOptions)
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
-    def options(self):
+    def backend_options(self):
+        from cir.generate import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown text-generation backend {self.backend!r}; known: {', '.join(sorted(BACKENDS))}")
         return getattr(self, self.backend)
 
 
@@ -71,6 +88,7 @@ class SynthConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     rows_per_file: int = 50_000
 
     def validate(self) -> None:
@@ -86,4 +104,7 @@ class SynthConfig:
                             ("corpus.shapes.n_images", self.corpus.shapes.n_images)]:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.generate.max_pairs < 0:
+            raise ValueError(f"generate.max_pairs must be >= 0 (0: all pairs), got {self.generate.max_pairs}")
+        self.filter.validate()
         build_backend(self.generate).validate()

@@ -6,6 +6,7 @@ changed is refused rather than silently reused. The caller has done `ray.init()`
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class SynthRun:
 
     # -- stages ---------------------------------------------------------------
     def run(self) -> SynthSummary:
+        self.backend.check_cluster()       # e.g. vLLM on a cluster without GPUs: refuse now
         self.out.clean_stale()
         results = {"corpus": self.stage_corpus()}
         results["embeddings"] = self.stage_embeddings()
@@ -181,20 +183,109 @@ class SynthRun:
     def stage_triplets(self) -> StageResult:
         g = self.cfg.generate
         fp = {**self.backend.fingerprint(), "pairs": self.fingerprints["pairs"]}
+        # Keys only where set, so that triplets made before these settings existed resume.
+        if g.max_pairs:
+            fp["max_pairs"] = g.max_pairs
+        if self._filter_active():
+            fp["filter"] = asdict(self.cfg.filter)
 
         def work(tmp: Path):
-            from cir.raycluster import dataset_from_table
-
             pairs = with_captions(read_table(self.out.path("pairs")), corpus_io.read_captions(self.corpus_files))
             if pairs.num_rows == 0:
                 raise ValueError("mining found no pairs in the similarity band; widen mine.band or raise mine.k")
-            n_blocks = max(1, min(pairs.num_rows // g.batch_size, 8 * g.num_actors))
-            triplets = self.backend.apply(dataset_from_table(pairs, -(-pairs.num_rows // n_blocks)))
-            triplets.write_parquet(str(tmp), schema=schemas.TRIPLETS,
-                                   min_rows_per_file=min(self.cfg.rows_per_file, 10_000))
-            return {"pairs": pairs.num_rows}
+            if g.max_pairs:
+                pairs = sample_pairs(pairs, g.max_pairs)
+            if self._direction_encoder():
+                from cir.embed import read_embeddings
+                from cir.generate.quality import pair_directions
+
+                ids, vectors, _ = read_embeddings(self.out.path("embeddings"))
+                pairs = pairs.append_column("direction", pair_directions(
+                    pairs.column("ref_id").to_pylist(), pairs.column("tgt_id").to_pylist(), ids, vectors))
+            counts = generate_triplets(self.backend, self._quality_filter(), pairs, tmp,
+                                       self.out.path("rejected"), self.cfg.generate, self.cfg.rows_per_file)
+            return {"pairs": pairs.num_rows, **({"filter": counts} if counts else {})}
 
         return self._run_stage("triplets", fp, work)
+
+    # -- the quality filter of generated texts (cir.generate.quality) -----------
+    def _filter_active(self) -> bool:
+        return self.cfg.filter.active(self.backend.source)
+
+    def _direction_encoder(self) -> str | None:
+        """The encoder whose text tower scores directions, or None when the check is off:
+        no threshold, or an encoder with random weights (its text tower scores noise)."""
+        from cir.encoders import parse_encoder_name
+
+        f = self.cfg.filter
+        if not self._filter_active() or f.min_direction_score is None:
+            return None
+        if parse_encoder_name(self.cfg.encode.model).pretrained is None:
+            log(f"filter: direction check off: {self.cfg.encode.model} has random weights")
+            return None
+        return self.cfg.encode.model
+
+    def _quality_filter(self) -> dict | None:
+        """The QualityFilter's constructor arguments, or None when the filter is off."""
+        if not self._filter_active():
+            return None
+        return {"cfg": self.cfg.filter, "encoder": self._direction_encoder(), "threads": self.cfg.encode.torch_threads}
+
+def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, folder: Path, rejected: Path,
+                      generate, rows_per_file: int) -> dict | None:
+    """Run `backend` over `pairs` and write the triplets into `folder`.
+
+    With a quality filter (the QualityFilter's arguments), the filtered candidates are
+    written once to a scratch folder inside `folder` (a stage's temporary folder), so
+    that generation, the expensive part, runs once while the kept rows, the dropped ones
+    (with `drop_reason` and `direction_score`, into `rejected`) and the counts are read
+    back from it. Returns {"candidates", "kept", "dropped": {reason: count}}, or None
+    without a filter (then only empty texts are dropped)."""
+    import ray
+    from ray.data.expressions import col
+
+    from cir.generate.quality import QualityFilter
+    from cir.outputs import atomic_path
+    from cir.raycluster import dataset_from_table
+
+    n_blocks = max(1, min(pairs.num_rows // generate.batch_size, 8 * generate.num_actors))
+    candidates = backend.apply(dataset_from_table(pairs, -(-pairs.num_rows // n_blocks)))
+    write = {"schema": schemas.TRIPLETS, "min_rows_per_file": min(rows_per_file, 10_000)}
+    shutil.rmtree(rejected, ignore_errors=True)    # a previous run's, for other triplets
+    if quality_filter is None:
+        candidates.filter(expr=col("text") != "").select_columns(list(schemas.TRIPLETS.names)).write_parquet(
+            str(folder), **write)
+        return None
+    scratch = folder / "_candidates"
+    candidates.map_batches(QualityFilter, fn_constructor_kwargs=quality_filter, batch_size=generate.batch_size,
+                           batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1)
+                           ).write_parquet(str(scratch))
+    try:
+        counts = ray.data.read_parquet(str(scratch), columns=["drop_reason"]).groupby("drop_reason").count()
+        by_reason = {row["drop_reason"]: row["count()"] for row in counts.take_all()}
+        rows = ray.data.read_parquet(str(scratch))
+        rows.filter(expr=col("drop_reason") == "").select_columns(list(schemas.TRIPLETS.names)).write_parquet(
+            str(folder), **write)
+        if any(n for reason, n in by_reason.items() if reason):
+            internal = [c for c in ("direction", "repeats") if c in rows.schema().names]
+            with atomic_path(rejected, directory=True) as tmp:
+                rows.filter(expr=col("drop_reason") != "").drop_columns(internal).write_parquet(str(tmp))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"candidates": sum(by_reason.values()), "kept": by_reason.get("", 0),
+            "dropped": {reason: n for reason, n in sorted(by_reason.items()) if reason}}
+
+
+def sample_pairs(pairs: pa.Table, n: int) -> pa.Table:
+    """At most `n` pairs, a sample that depends only on the pair ids (stable across runs
+    and across `n`: a larger sample contains a smaller one), in pair order."""
+    import hashlib
+
+    if pairs.num_rows <= n:
+        return pairs
+    keys = [hashlib.sha1(p.encode()).hexdigest() for p in pairs.column("pair_id").to_pylist()]
+    chosen = sorted(sorted(range(len(keys)), key=keys.__getitem__)[:n])
+    return pairs.take(pa.array(chosen, type=pa.int64()))
 
 
 def with_captions(pairs: pa.Table, captions: pa.Table) -> pa.Table:
