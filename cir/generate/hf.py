@@ -190,19 +190,21 @@ def _generated_length(tokens: list[int], stops: set) -> int:
 
 
 class HFChat:
-    """`map_batches` callable: one ChatModel per actor; answers `task` for each pair."""
+    """`map_batches` callable: one ChatModel per actor; answers each task for each pair."""
 
-    def __init__(self, options: HFOptions, task: ChatTask, sampling: dict, carry: list[str]):
-        self.task, self.sampling, self.carry = task, sampling, carry
+    def __init__(self, options: HFOptions, tasks: list[ChatTask], sampling: dict, carry: list[str]):
+        self.tasks, self.sampling, self.carry = tasks, sampling, carry
         self.model = ChatModel(options.model, options.cache_dir, options.dtype, threads=options.torch_threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        conversations = [self.task.messages(r, t) for r, t in zip(batch.column("ref_caption").to_pylist(),
-                                                                   batch.column("tgt_caption").to_pylist())]
-        texts, counts = self.model.chat(conversations, self.task.max_new_tokens, **self.sampling)
+        captions = list(zip(batch.column("ref_caption").to_pylist(), batch.column("tgt_caption").to_pylist()))
         out = batch.select(self.carry)
-        out = out.append_column(self.task.output, pa.array(texts, type=pa.string()))
-        return out.append_column(self.task.output + "_tokens", pa.array(counts, type=pa.int32()))
+        for task in self.tasks:
+            texts, counts = self.model.chat([task.messages(r, t) for r, t in captions], task.max_new_tokens,
+                                            **self.sampling)
+            out = out.append_column(task.output, pa.array(texts, type=pa.string()))
+            out = out.append_column(task.output + "_tokens", pa.array(counts, type=pa.int32()))
+        return out
 
 
 class HFBackend(LLMBackend):
@@ -229,6 +231,10 @@ class HFBackend(LLMBackend):
         return fp
 
     def generate(self, ds, task: ChatTask, carry: list[str]):
+        return self.generate_all(ds, [task], carry)
+
+    def generate_all(self, ds, tasks: list[ChatTask], carry: list[str]):
+        # All prompts in one actor pool: one model load per actor, not one per prompt.
         import ray
 
         from cir.raycluster import gpus_per_actor
@@ -237,6 +243,6 @@ class HFBackend(LLMBackend):
         sampling = {"temperature": t.temperature, "top_p": t.top_p, "seed": t.seed}
         return ds.map_batches(
             HFChat, batch_size=self.batch_size, batch_format="pyarrow",
-            fn_constructor_kwargs={"options": self.options, "task": task, "sampling": sampling, "carry": carry},
+            fn_constructor_kwargs={"options": self.options, "tasks": tasks, "sampling": sampling, "carry": carry},
             compute=ray.data.ActorPoolStrategy(size=self.num_actors),
             num_cpus=self.options.cpus_per_actor, num_gpus=gpus_per_actor(self.options.gpus_per_actor))

@@ -116,18 +116,21 @@ class LLMBackend(Backend):
         prompts = "+".join(task.prompt_name for task in self.tasks())
         return f"{self.name}:{self.model_id}@{prompts}"
 
-    def apply(self, pairs):
-        schema = pairs.schema().base_schema      # known without running: the pairs are in memory
-        carry = list(schema.names)
-        ds = pairs
-        for task in self.tasks():
+    def generate_all(self, ds, tasks: list[ChatTask], carry: list[str]):
+        """`generate` for each task in turn (a backend may run them in one pass)."""
+        for task in tasks:
             ds = self.generate(ds, task, carry)
             carry = carry + [task.output, task.output + "_tokens"]
-        return ds.map_batches(PairTexts, batch_size=self.batch_size, batch_format="pyarrow",
-                              fn_constructor_kwargs={"texts_per_pair": self.task.texts_per_pair,
-                                                     "generator": self.generator_id(), "source": self.source,
-                                                     "pair_schema": schema,
-                                                     "budgets": {t.output: t.max_new_tokens for t in self.tasks()}})
+        return ds
+
+    def apply(self, pairs):
+        schema = pairs.schema().base_schema      # known without running: the pairs are in memory
+        tasks = self.tasks()
+        return self.generate_all(pairs, tasks, list(schema.names)).map_batches(
+            PairTexts, batch_size=self.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs={"texts_per_pair": self.task.texts_per_pair, "generator": self.generator_id(),
+                                   "source": self.source, "pair_schema": schema,
+                                   "budgets": {t.output: t.max_new_tokens for t in tasks}})
 
 
 class PairTexts:
