@@ -51,7 +51,7 @@ def main(argv=None) -> int:
                    help="torch threads of the plain loop (a Ray worker on 2 cores with 2 workers runs 1)")
     p.add_argument("--llm", default="smollm2", help="generate: the hf backend's model")
     p.add_argument("--pairs", type=int, default=200, help="generate: caption pairs for the batched actor")
-    p.add_argument("--llm-batch-size", type=int, default=16)
+    p.add_argument("--llm-batch-size", type=int, default=64)
     p.add_argument("--baseline-prompts", type=int, default=24,
                    help="generate: prompts the one-at-a-time baseline answers (its rate, not its total, counts)")
     p.add_argument("--output", default="outputs/bench")

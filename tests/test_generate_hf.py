@@ -134,3 +134,20 @@ def test_smollm2_writes_parsed_texts_from_its_safetensors_cache(tmp_path):
     assert texts and all(t.strip() for t in texts) and 0 < counts[0] <= 64
     ChatModel("smollm2", cache_dir=str(tmp_path / "cache"))         # reloads, no second conversion
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_shared_turns_are_computed_once_and_give_the_same_answers(tiny_chat_model, monkeypatch):
+    model = ChatModel(str(tiny_chat_model))
+    convs = [c for c, _ in training_conversations(8, seed=4)][::2]      # modify prompts: one shared head
+    assert "past_key_values" in model.prompt_ids(convs)
+    mixed = [c for c, _ in training_conversations(2, seed=4)]            # modify and reverse heads differ
+    assert "past_key_values" not in model.prompt_ids(mixed)
+    cached = model.chat(convs, max_new_tokens=40)
+
+    def plain(conversations):
+        tok = model.tokenizer
+        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        return dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+
+    monkeypatch.setattr(model, "prompt_ids", plain)
+    assert model.chat(convs, max_new_tokens=40) == cached

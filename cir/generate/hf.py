@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,10 +156,40 @@ class ChatModel:
             raise ValueError(f"model {model!r} has no chat template; the hf backend needs an instruct model")
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtypes[dtype]).to(self.device).eval()
 
-    def prompt_ids(self, conversations: list[list[dict]]):
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations]
-        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+    def prompt_ids(self, conversations: list[list[dict]]) -> dict:
+        """Token ids and attention mask of a batch, left-padded; plus `past_key_values`
+        when the conversations share every turn but the last (a prompt file's system
+        turn and worked example): those turns' keys and values are computed once per
+        model and reused, and the padding goes between them and each row's last turn."""
+        import torch
+
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        head = conversations[0][:-1]
+        prefix = tok.apply_chat_template(head, tokenize=False) if head else ""
+        if not prefix or any(c[:-1] != head or not t.startswith(prefix) for c, t in zip(conversations, texts)):
+            return dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device))
+        prefix_ids = tok(prefix, add_special_tokens=False)["input_ids"]
+        rests = [tok(t[len(prefix):], add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(len(r) for r in rests)
+        ids = [prefix_ids + [tok.pad_token_id] * (width - len(r)) + r for r in rests]
+        mask = [[1] * len(prefix_ids) + [0] * (width - len(r)) + [1] * len(r) for r in rests]
+        cache = self._prefix_cache(tuple(prefix_ids))
+        return {"input_ids": torch.tensor(ids, device=self.device),
+                "attention_mask": torch.tensor(mask, device=self.device),
+                "past_key_values": _repeat_cache(cache, len(texts))}
+
+    def _prefix_cache(self, prefix_ids: tuple[int, ...]):
+        import torch
+        from transformers import DynamicCache
+
+        if getattr(self, "_cached_prefix", None) != prefix_ids:
+            cache = DynamicCache(config=self.model.config)
+            with torch.inference_mode():
+                self.model(input_ids=torch.tensor([prefix_ids], device=self.device), past_key_values=cache,
+                           use_cache=True)
+            self._cached_prefix, self._cache = prefix_ids, cache
+        return self._cache
 
     def chat(self, conversations: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0) -> tuple[list[str], list[int]]:
@@ -171,7 +202,9 @@ class ChatModel:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         torch.manual_seed(seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # transformers 5 renames past_key_values to cache; >= 4.50 knows only the former.
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                                       **sampling)
         new = out[:, enc["input_ids"].shape[1]:].cpu()
@@ -179,6 +212,15 @@ class ChatModel:
         counts = [_generated_length(row.tolist(), stops) for row in new]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [t.strip() for t in texts], counts
+
+
+def _repeat_cache(cache, n: int):
+    """A copy of a batch-1 cache for a batch of `n` (generate extends the cache it gets)."""
+    import copy
+
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(n)
+    return out
 
 
 def _generated_length(tokens: list[int], stops: set) -> int:
