@@ -180,7 +180,6 @@ def bench_generate(model: str, n_pairs: int, batch_size: int, baseline_prompts: 
     load included) against the same model answering one prompt at a time in this process
     (model load excluded), on the modify prompt of `n_pairs` shapes pairs. The baseline
     runs the first `baseline_prompts` of them: its rate does not depend on how many."""
-    import ray
     import torch
 
     from cir.generate.hf import ChatModel, HFBackend, HFOptions
@@ -215,4 +214,30 @@ def bench_generate(model: str, n_pairs: int, batch_size: int, baseline_prompts: 
         f"{result['loop_tokens_per_s']:.1f} tok/s; batched actor (batch {batch_size}) "
         f"{result['ray_rows_per_s']:.2f} rows/s {result['ray_tokens_per_s']:.1f} tok/s; "
         f"ratio {result['ratio_rows']:.2f}x rows, {result['ratio_tokens']:.2f}x tokens")
+    return result
+
+
+def bench_direction(synth_output: str, n: int = 1000, shift: int = 7) -> dict:
+    """Is the quality filter's direction score informative with this encoder? Over a
+    synth output's triplets: cosine between each text's embedding (the encoder's text
+    tower) and its pair's target - reference image direction, against the same texts
+    scored on another pair's direction (shifted by `shift` rows)."""
+    from cir.embed import read_embeddings
+    from cir.encoders import ClipEncoder
+    from cir.generate.quality import pair_directions
+    from cir.outputs import read_table
+    from cir.schemas import embedding_matrix
+
+    triplets = read_table(Path(synth_output) / "triplets").slice(0, n)
+    ids, vectors, model = read_embeddings(Path(synth_output) / "embeddings")
+    directions = embedding_matrix(pair_directions(triplets.column("ref_id").to_pylist(),
+                                                  triplets.column("tgt_id").to_pylist(), ids, vectors))
+    texts = ClipEncoder(model).encode_texts(triplets.column("text").to_pylist())
+    scores = {"own_pair": (texts * directions).sum(axis=1),
+              "other_pair": (texts * np.roll(directions, shift, axis=0)).sum(axis=1)}
+    result = {"synth_output": synth_output, "encoder": model, "texts": len(texts),
+              **{name: {f"p{q}": round(float(np.percentile(v, q)), 3) for q in (5, 50, 95)}
+                 for name, v in scores.items()}}
+    log(f"direction score ({model}, {len(texts)} texts): own pair {result['own_pair']}, "
+        f"another pair {result['other_pair']}")
     return result

@@ -13,6 +13,8 @@ mine:   FAISS self-kNN time vs corpus size, and the approximate index's recall@k
 generate: rows/s and generated tokens/s of the `hf` backend's batched actor (Ray Data,
         left-padded batches) against the same model answering one prompt at a time in
         this process, on shapes caption pairs (default: SmolLM2, 200 pairs).
+direction: the quality filter's direction score on a synth output's texts, for their own
+        pair and for another pair's (is the encoder's text tower informative?).
 train:  samples/s of the Ray Train + DeepSpeed loop (1 and 2 workers) against a plain
         single-process loop on the same composer, examples and micro-batch; peak RSS
         per worker.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BENCHES = ("encode", "mine", "train", "generate")
+BENCHES = ("encode", "mine", "train", "generate", "direction")
 
 
 def main(argv=None) -> int:
@@ -54,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--llm-batch-size", type=int, default=64)
     p.add_argument("--baseline-prompts", type=int, default=24,
                    help="generate: prompts the one-at-a-time baseline answers (its rate, not its total, counts)")
+    p.add_argument("--synth-output", default="outputs/synth-local", help="direction: a synth output folder")
     p.add_argument("--output", default="outputs/bench")
     args = p.parse_args(argv)
     args.what = args.what or list(BENCHES)
@@ -83,6 +86,10 @@ def main(argv=None) -> int:
         init_ray()
         results["generate"] = bench_generate(args.llm, args.pairs, args.llm_batch_size, args.baseline_prompts,
                                              args.threads)
+    if "direction" in args.what:
+        from cir.bench import bench_direction
+
+        results["direction"] = bench_direction(args.synth_output)
     if "mine" in args.what:
         results["mine"] = [bench_mine(n, args.dim, args.k, args.exact_limit, args.nprobe) for n in args.sizes]
     path = write_json_atomic(Path(args.output) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json", results,

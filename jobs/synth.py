@@ -57,7 +57,8 @@ def print_summary(summary, seconds: float) -> None:
     if counts and counts.get("dropped") is not None:
         dropped = ", ".join(f"{reason} {n}" for reason, n in counts["dropped"].items()) or "none"
         print(f"\nfilter: {counts['kept']} of {counts['candidates']} generated texts kept; dropped: {dropped}"
-              f"{' (see ' + str(Path(summary.output) / 'rejected') + ')' if counts['dropped'] else ''}")
+              f"{' (see ' + str(Path(summary.output) / 'rejected') + ')' if counts['dropped'] else ''}; "
+              f"{counts['kept_without_reverse_text']} kept without a reverse text")
     if summary.bad_images:
         print(f"\n{len(summary.bad_images)} unreadable file(s) skipped:")
         for row in summary.bad_images:

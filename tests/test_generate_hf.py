@@ -92,7 +92,8 @@ def test_synth_with_hf_filters_and_counts(hf_synth):
     pairs = read_table(out / "pairs").num_rows
     counts = summary.stages["triplets"].extra["filter"]
     # Per pair the tiny model writes a text, its duplicate and a two-word text.
-    assert counts == {"candidates": 3 * pairs, "kept": pairs, "dropped": {"duplicate": pairs, "too_short": pairs}}
+    assert counts == {"candidates": 3 * pairs, "kept": pairs, "dropped": {"duplicate": pairs, "too_short": pairs},
+                      "kept_without_reverse_text": 0}
     triplets = read_table(out / "triplets")
     assert triplets.num_rows == pairs and set(triplets.column("text").to_pylist()) == {MODIFY_TEXTS[0]}
     assert set(triplets.column("reverse_text").to_pylist()) == {REVERSE_ANSWER}
@@ -139,9 +140,9 @@ def test_smollm2_writes_parsed_texts_from_its_safetensors_cache(tmp_path):
 def test_shared_turns_are_computed_once_and_give_the_same_answers(tiny_chat_model, monkeypatch):
     model = ChatModel(str(tiny_chat_model))
     convs = [c for c, _ in training_conversations(8, seed=4)][::2]      # modify prompts: one shared head
-    assert "past_key_values" in model.prompt_ids(convs)
+    assert model._cache_kwarg in model.prompt_ids(convs)
     mixed = [c for c, _ in training_conversations(2, seed=4)]            # modify and reverse heads differ
-    assert "past_key_values" not in model.prompt_ids(mixed)
+    assert model._cache_kwarg not in model.prompt_ids(mixed)
     cached = model.chat(convs, max_new_tokens=40)
 
     def plain(conversations):

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import importlib.util
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +154,11 @@ class ChatModel:
         if not self.tokenizer.chat_template:
             raise ValueError(f"model {model!r} has no chat template; the hf backend needs an instruct model")
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtypes[dtype]).to(self.device).eval()
+        # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40).
+        import inspect
+
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
+            else "past_key_values"
 
     def prompt_ids(self, conversations: list[list[dict]]) -> dict:
         """Token ids and attention mask of a batch, left-padded; plus `past_key_values`
@@ -177,7 +181,7 @@ class ChatModel:
         cache = self._prefix_cache(tuple(prefix_ids))
         return {"input_ids": torch.tensor(ids, device=self.device),
                 "attention_mask": torch.tensor(mask, device=self.device),
-                "past_key_values": _repeat_cache(cache, len(texts))}
+                self._cache_kwarg: _repeat_cache(cache, len(texts))}
 
     def _prefix_cache(self, prefix_ids: tuple[int, ...]):
         import torch
@@ -186,8 +190,8 @@ class ChatModel:
         if getattr(self, "_cached_prefix", None) != prefix_ids:
             cache = DynamicCache(config=self.model.config)
             with torch.inference_mode():
-                self.model(input_ids=torch.tensor([prefix_ids], device=self.device), past_key_values=cache,
-                           use_cache=True)
+                self.model(input_ids=torch.tensor([prefix_ids], device=self.device), use_cache=True,
+                           **{self._cache_kwarg: cache})
             self._cached_prefix, self._cache = prefix_ids, cache
         return self._cache
 
@@ -202,9 +206,7 @@ class ChatModel:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         torch.manual_seed(seed)
-        with torch.inference_mode(), warnings.catch_warnings():
-            # transformers 5 renames past_key_values to cache; >= 4.50 knows only the former.
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        with torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                                       **sampling)
         new = out[:, enc["input_ids"].shape[1]:].cpu()

@@ -239,8 +239,9 @@ def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, fol
     written once to a scratch folder inside `folder` (a stage's temporary folder), so
     that generation, the expensive part, runs once while the kept rows, the dropped ones
     (with `drop_reason` and `direction_score`, into `rejected`) and the counts are read
-    back from it. Returns {"candidates", "kept", "dropped": {reason: count}}, or None
-    without a filter (then only empty texts are dropped)."""
+    back from it. Returns {"candidates", "kept", "dropped": {reason: count},
+    "kept_without_reverse_text"}, or None without a filter (then only empty texts are
+    dropped)."""
     import ray
     from ray.data.expressions import col
 
@@ -264,8 +265,9 @@ def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, fol
         counts = ray.data.read_parquet(str(scratch), columns=["drop_reason"]).groupby("drop_reason").count()
         by_reason = {row["drop_reason"]: row["count()"] for row in counts.take_all()}
         rows = ray.data.read_parquet(str(scratch))
-        rows.filter(expr=col("drop_reason") == "").select_columns(list(schemas.TRIPLETS.names)).write_parquet(
-            str(folder), **write)
+        kept = rows.filter(expr=col("drop_reason") == "")
+        kept.select_columns(list(schemas.TRIPLETS.names)).write_parquet(str(folder), **write)
+        without_reverse = kept.filter(expr=col("reverse_text").is_null()).count()
         if any(n for reason, n in by_reason.items() if reason):
             internal = [c for c in ("direction", "repeats") if c in rows.schema().names]
             with atomic_path(rejected, directory=True) as tmp:
@@ -273,7 +275,8 @@ def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, fol
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"candidates": sum(by_reason.values()), "kept": by_reason.get("", 0),
-            "dropped": {reason: n for reason, n in sorted(by_reason.items()) if reason}}
+            "dropped": {reason: n for reason, n in sorted(by_reason.items()) if reason},
+            "kept_without_reverse_text": without_reverse}
 
 
 def sample_pairs(pairs: pa.Table, n: int) -> pa.Table:
