@@ -51,7 +51,7 @@ def test_manifest_names_encoder_shards_and_checksums(tmp_path):
     write_index(tmp_path / "ix", ids, v, "checkpoint:runs/x/export", 2)
     m = read_manifest(tmp_path / "ix")
     assert (m["encoder"], m["dim"], m["metric"], m["rows"]) == ("checkpoint:runs/x/export", 8, "inner_product", 100)
-    assert [s["rows"] for s in m["shards"]] == [50, 50]
+    assert sum(s["rows"] for s in m["shards"]) == 100 and min(s["rows"] for s in m["shards"]) > 30
     assert all(len(s["sha256"]) == 2 for s in m["shards"])
     check_encoder(m, "checkpoint:runs/x/export", 8)
     with pytest.raises(IndexMismatch, match="rebuild the index"):
@@ -79,8 +79,8 @@ def test_an_existing_index_is_never_overwritten_and_failures_leave_nothing(tmp_p
     with pytest.raises(FileExistsError):
         write_index(tmp_path / "ix", ids, v, "cir-shapes", 3)
     assert (tmp_path / "ix" / "manifest.json").read_text() == before
-    with pytest.raises(ValueError, match="cannot fill"):
-        write_index(tmp_path / "ix2", ids[:3], v[:3], "cir-shapes", 4)
+    with pytest.raises(ValueError, match="empty"):
+        write_index(tmp_path / "ix2", ids[:3], v[:3], "cir-shapes", 8)
     with pytest.raises(ValueError, match="unique"):
         write_index(tmp_path / "ix2", ids[:2] + ids[:1], v[:3], "cir-shapes", 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ix"]

@@ -49,14 +49,24 @@ class IndexParams:
         return f"IVF{nlist},Flat", {"nprobe": min(self.nprobe, nlist)}
 
 
-def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
-    """Contiguous, near-equal row ranges of the id-sorted gallery."""
+def shard_of(ids, n_shards: int) -> np.ndarray:
+    """The shard of each id (a hash of it): stable across runs and machines, and
+    independent of row order, so a task can pick its shard's rows from any table."""
+    import zlib
+
     if n_shards < 1:
         raise ValueError(f"shards must be >= 1, got {n_shards}")
-    if n < n_shards:
-        raise ValueError(f"{n} gallery rows cannot fill {n_shards} shards")
-    edges = np.linspace(0, n, n_shards + 1).round().astype(int)
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+    return np.asarray([zlib.crc32(i.encode()) % n_shards for i in ids], dtype=np.int64)
+
+
+def shard_rows(ids, n_shards: int) -> list[np.ndarray]:
+    """The row positions of each shard; an empty shard is an error."""
+    shard = shard_of(ids, n_shards)
+    rows = [np.flatnonzero(shard == i) for i in range(n_shards)]
+    empty = [i for i, r in enumerate(rows) if not len(r)]
+    if empty:
+        raise ValueError(f"{len(ids)} gallery rows leave shard(s) {empty} of {n_shards} empty: use fewer shards")
+    return rows
 
 
 def build_shard(vectors: np.ndarray, factory: str, search: dict, seed: int = 0):
@@ -84,35 +94,49 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_shard(folder: Path, shard: int, ids: list[str], vectors: np.ndarray, params: IndexParams) -> dict:
+    """Index one shard's rows (sorted by id) into `folder`; returns its manifest entry.
+    A Ray task per shard runs this in the index job."""
+    import faiss
+
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+    ids, vectors = [ids[i] for i in order], np.ascontiguousarray(vectors[order], dtype=np.float32)
+    factory, search = params.factory(len(ids))
+    index_file, ids_file = f"shard-{shard:03d}.faiss", f"shard-{shard:03d}.ids.parquet"
+    faiss.write_index(build_shard(vectors, factory, search), str(folder / index_file))
+    pq.write_table(pa.table({"image_id": ids}), folder / ids_file)
+    return {"index": index_file, "ids": ids_file, "rows": len(ids), "factory": factory, "search": search,
+            "sha256": {f: file_sha256(folder / f) for f in (index_file, ids_file)}}
+
+
+def index_manifest(encoder: str, dim: int, params: IndexParams, shards: list[dict]) -> dict:
+    return {"format_version": FORMAT_VERSION, "encoder": encoder, "dim": int(dim), "metric": METRIC,
+            "rows": sum(s["rows"] for s in shards), "params": asdict(params), "shards": shards}
+
+
+def check_gallery(ids: list[str], vectors: np.ndarray) -> None:
+    if vectors.ndim != 2 or len(ids) != len(vectors):
+        raise ValueError(f"need one vector per id, got {len(ids)} ids and vectors of shape {vectors.shape}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("gallery ids must be unique")
+
+
 def write_index(folder: str | Path, ids: list[str], vectors: np.ndarray, encoder: str, n_shards: int,
                 params: IndexParams | None = None) -> dict:
     """Index `vectors` (rows of `ids`, L2-normalised) into `folder` as `n_shards` shards
-    of the id-sorted rows; returns the manifest. An existing index folder is refused, never overwritten."""
-    import faiss
-
+    (`shard_of`), in this process; returns the manifest. An existing index folder is
+    refused, never overwritten."""
     params = params or IndexParams()
     params.validate()
     folder = Path(folder)
     if (folder / MANIFEST).exists():
         raise FileExistsError(f"{folder} already holds an index; choose another output or delete it")
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or len(ids) != len(vectors):
-        raise ValueError(f"need one vector per id, got {len(ids)} ids and vectors of shape {vectors.shape}")
-    if len(set(ids)) != len(ids):
-        raise ValueError("gallery ids must be unique")
-    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
-    ids, vectors = [ids[i] for i in order], vectors[order]
-    shards = []
+    vectors = np.asarray(vectors, dtype=np.float32)
+    check_gallery(ids, vectors)
+    parts = shard_rows(ids, n_shards)
     with atomic_path(folder, directory=True) as tmp:
-        for i, (lo, hi) in enumerate(shard_bounds(len(ids), n_shards)):
-            factory, search = params.factory(hi - lo)
-            index_file, ids_file = f"shard-{i:03d}.faiss", f"shard-{i:03d}.ids.parquet"
-            faiss.write_index(build_shard(vectors[lo:hi], factory, search), str(tmp / index_file))
-            pq.write_table(pa.table({"image_id": ids[lo:hi]}), tmp / ids_file)
-            shards.append({"index": index_file, "ids": ids_file, "rows": hi - lo, "factory": factory,
-                           "search": search, "sha256": {f: file_sha256(tmp / f) for f in (index_file, ids_file)}})
-        manifest = {"format_version": FORMAT_VERSION, "encoder": encoder, "dim": int(vectors.shape[1]),
-                    "metric": METRIC, "rows": len(ids), "params": asdict(params), "shards": shards}
+        shards = [write_shard(tmp, i, [ids[j] for j in rows], vectors[rows], params) for i, rows in enumerate(parts)]
+        manifest = index_manifest(encoder, vectors.shape[1], params, shards)
         write_json_atomic(tmp / MANIFEST, manifest)
     return manifest
 
