@@ -241,3 +241,36 @@ def bench_direction(synth_output: str, n: int = 1000, shift: int = 7) -> dict:
     log(f"direction score ({model}, {len(texts)} texts): own pair {result['own_pair']}, "
         f"another pair {result['other_pair']}")
     return result
+
+
+def bench_index(n: int, d: int, queries: int = 1000, k: int = 10) -> dict:
+    """The index the index job picks for `n` clustered vectors in one shard (auto: IVF
+    above 50k rows, nprobe tuned to recall 0.95 on the shard's own sample): its build
+    time, and on held-out queries its recall@k against exact search and its query speed
+    against a flat index's."""
+    import faiss
+
+    from cir.index.build import IndexParams, build_shard
+
+    vectors = clustered_vectors(n + queries, d, seed=0)
+    held_out, vectors = vectors[n:], vectors[:n]
+    flat = faiss.IndexFlatIP(d)
+    flat.add(vectors)
+    t0 = time.perf_counter()
+    truth = flat.search(held_out, k)[1]
+    flat_s = time.perf_counter() - t0
+    params = IndexParams()
+    factory, search = params.factory(n)
+    t0 = time.perf_counter()
+    index = build_shard(vectors, factory, search, target_recall=params.target_recall)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    found = index.search(held_out, k)[1]
+    index_s = time.perf_counter() - t0
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found)]))
+    result = {"vectors": n, "dim": d, "queries": queries, "factory": factory, "search": search,
+              "build_s": build_s, f"recall@{k}": recall, "flat_query_s": flat_s, "index_query_s": index_s,
+              "speed_vs_flat": flat_s / index_s}
+    log(f"index {n} x {d}: {factory} {search}, built in {build_s:.1f}s; recall@{k} {recall:.3f} "
+        f"at {result['speed_vs_flat']:.1f}x flat's query speed")
+    return result

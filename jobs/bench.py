@@ -13,6 +13,8 @@ mine:   FAISS self-kNN time vs corpus size, and the approximate index's recall@k
 generate: rows/s and generated tokens/s of the `hf` backend's batched actor (Ray Data,
         left-padded batches) against the same model answering one prompt at a time in
         this process, on shapes caption pairs (default: SmolLM2, 200 pairs).
+index:  the index the index job picks for --index-size clustered vectors: build time,
+        recall@10 against exact search and query speed against flat, on held-out queries.
 direction: the quality filter's direction score on a synth output's texts, for their own
         pair and for another pair's (is the encoder's text tower informative?).
 train:  samples/s of the Ray Train + DeepSpeed loop (1 and 2 workers) against a plain
@@ -31,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BENCHES = ("encode", "mine", "train", "generate", "direction")
+BENCHES = ("encode", "mine", "train", "generate", "direction", "index")
 
 
 def main(argv=None) -> int:
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--llm-batch-size", type=int, default=64)
     p.add_argument("--baseline-prompts", type=int, default=24,
                    help="generate: prompts the one-at-a-time baseline answers (its rate, not its total, counts)")
+    p.add_argument("--index-size", type=int, default=1_000_000, help="index: gallery vectors")
     p.add_argument("--synth-output", default="outputs/synth-local", help="direction: a synth output folder")
     p.add_argument("--output", default="outputs/bench")
     args = p.parse_args(argv)
@@ -86,6 +89,10 @@ def main(argv=None) -> int:
         init_ray()
         results["generate"] = bench_generate(args.llm, args.pairs, args.llm_batch_size, args.baseline_prompts,
                                              args.threads)
+    if "index" in args.what:
+        from cir.bench import bench_index
+
+        results["index"] = bench_index(args.index_size, args.dim)
     if "direction" in args.what:
         from cir.bench import bench_direction
 

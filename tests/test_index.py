@@ -38,8 +38,9 @@ def test_sharded_topk_equals_one_exact_index(tmp_path, n_shards, k, ties):
 
 def test_large_shards_get_an_ivf_index_with_high_recall(tmp_path):
     ids, v = gallery(4000, 32, seed=0)
-    manifest = write_index(tmp_path / "ix", ids, v, "cir-shapes", 2, IndexParams(flat_limit=1000, nprobe=32))
-    assert all(s["factory"].startswith("IVF") and s["search"]["nprobe"] == 32 for s in manifest["shards"])
+    manifest = write_index(tmp_path / "ix", ids, v, "cir-shapes", 2, IndexParams(flat_limit=1000, nprobe=4))
+    # nprobe is tuned up from 4 until the shard's own recall target (0.95) is met.
+    assert all(s["factory"].startswith("IVF") and s["search"]["nprobe"] >= 4 for s in manifest["shards"])
     index = ShardedIndex.load(tmp_path / "ix")
     queries = v[:50]
     hits = [len(set(found) & set(exact_topk(ids, v, q, 10))) for q, (_, found) in zip(queries, index.search(queries, 10))]

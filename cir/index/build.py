@@ -25,18 +25,22 @@ class IndexMismatch(ValueError):
 @dataclass
 class IndexParams:
     """How each shard is indexed. `kind` auto: exact (flat) up to `flat_limit` rows per
-    shard, IVF-Flat above it, with ~2*sqrt(rows) lists (as pair mining does) searched
-    `nprobe` at a time."""
+    shard, IVF-Flat above it, with 4*sqrt(rows) lists (FAISS's guideline). The lists
+    probed per query are tuned on the shard (as autofaiss tunes search parameters): the
+    fewest, from `nprobe` up, whose recall@10 against exact search reaches
+    `target_recall` on a sample of the shard's own vectors (0: use `nprobe` as is)."""
 
     kind: str = "auto"           # auto | flat | ivf_flat
     flat_limit: int = 50_000
-    nlist: int = 0               # 0: 2 * sqrt(rows per shard)
+    nlist: int = 0               # 0: 4 * sqrt(rows per shard)
     nprobe: int = 16
+    # Tuned on the shard's own vectors; held-out queries score a little lower, hence 0.96.
+    target_recall: float = 0.96
 
     def validate(self) -> None:
         if self.kind not in ("auto", "flat", "ivf_flat"):
             raise ValueError(f"index kind must be auto, flat or ivf_flat, got {self.kind!r}")
-        if self.flat_limit < 1 or self.nprobe < 1 or self.nlist < 0:
+        if self.flat_limit < 1 or self.nprobe < 1 or self.nlist < 0 or not 0 <= self.target_recall <= 1:
             raise ValueError(f"index params out of range: {asdict(self)}")
 
     def factory(self, rows: int) -> tuple[str, dict]:
@@ -45,7 +49,7 @@ class IndexParams:
         if kind == "flat":
             return "Flat", {}
         # FAISS wants >= 39 training points per list.
-        nlist = self.nlist or max(1, min(int(2 * math.sqrt(rows)), rows // 39))
+        nlist = self.nlist or max(1, min(int(4 * math.sqrt(rows)), rows // 39))
         return f"IVF{nlist},Flat", {"nprobe": min(self.nprobe, nlist)}
 
 
@@ -69,7 +73,9 @@ def shard_rows(ids, n_shards: int) -> list[np.ndarray]:
     return rows
 
 
-def build_shard(vectors: np.ndarray, factory: str, search: dict, seed: int = 0):
+def build_shard(vectors: np.ndarray, factory: str, search: dict, seed: int = 0, target_recall: float = 0.0):
+    """A FAISS index over `vectors`; an IVF one gets `search["nprobe"]` raised until the
+    recall target is met (the chosen value is written back into `search`)."""
     import faiss
 
     index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
@@ -82,8 +88,33 @@ def build_shard(vectors: np.ndarray, factory: str, search: dict, seed: int = 0):
     if "nprobe" in search:
         ivf = faiss.extract_index_ivf(index)
         ivf.nprobe = search["nprobe"]
+        if target_recall:
+            search["nprobe"] = tune_nprobe(index, vectors, search["nprobe"], target_recall, seed)
+            ivf.nprobe = search["nprobe"]
         ivf.make_direct_map()        # saved with it: the search rescores candidates from their vectors
     return index
+
+
+def tune_nprobe(index, vectors: np.ndarray, start: int, target: float, seed: int = 0,
+                queries: int = 1000, k: int = 10) -> int:
+    """The fewest probed lists (from `start`, x1.5 a step) whose recall@k on a sample of the
+    shard's own vectors, each query's own row left out, reaches `target`."""
+    import faiss
+
+    rng = np.random.default_rng(seed + 1)
+    q = vectors[rng.choice(len(vectors), size=min(queries, len(vectors)), replace=False)]
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    truth = exact.search(q, k + 1)[1][:, 1:]
+    ivf = faiss.extract_index_ivf(index)
+    nprobe = start
+    while True:
+        ivf.nprobe = min(nprobe, ivf.nlist)
+        found = index.search(q, k + 1)[1][:, 1:]
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found)])
+        if recall >= target or ivf.nprobe >= ivf.nlist:
+            return int(ivf.nprobe)
+        nprobe = max(nprobe + 1, int(nprobe * 1.5))
 
 
 def file_sha256(path: Path) -> str:
@@ -103,7 +134,8 @@ def write_shard(folder: Path, shard: int, ids: list[str], vectors: np.ndarray, p
     ids, vectors = [ids[i] for i in order], np.ascontiguousarray(vectors[order], dtype=np.float32)
     factory, search = params.factory(len(ids))
     index_file, ids_file = f"shard-{shard:03d}.faiss", f"shard-{shard:03d}.ids.parquet"
-    faiss.write_index(build_shard(vectors, factory, search), str(folder / index_file))
+    faiss.write_index(build_shard(vectors, factory, search, target_recall=params.target_recall),
+                      str(folder / index_file))
     pq.write_table(pa.table({"image_id": ids}), folder / ids_file)
     return {"index": index_file, "ids": ids_file, "rows": len(ids), "factory": factory, "search": search,
             "sha256": {f: file_sha256(folder / f) for f in (index_file, ids_file)}}
