@@ -9,6 +9,7 @@ run), and a rerun skips the stages whose output is complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -111,6 +112,15 @@ def write_table(table: pa.Table, folder: Path, rows_per_file: int = 50_000) -> N
     for i in range(n_files):
         part = table.slice(i * rows_per_file, rows_per_file)
         pq.write_table(part, folder / f"part-{i:05d}.parquet")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def parquet_files(folder: Path) -> list[Path]:

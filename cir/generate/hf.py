@@ -16,7 +16,6 @@ rename, and every later load, in any actor or run, takes about a second.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from cir.generate.llm import ChatTask, LLMBackend
+from cir.outputs import file_sha256
 
 SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,14 +77,6 @@ def model_id(model: str) -> str:
     if model.endswith(".gguf") or path.is_dir():
         return path.stem if model.endswith(".gguf") else path.resolve().name
     return model
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def converted_gguf(path: Path, cache_dir: Path) -> Path:

@@ -1,7 +1,6 @@
 """Writing and loading the index folder: shards, ids, manifest, checksums."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -11,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cir.outputs import atomic_path, write_json_atomic
+from cir.outputs import atomic_path, file_sha256, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -115,14 +114,6 @@ def tune_nprobe(index, vectors: np.ndarray, start: int, target: float, seed: int
         if recall >= target or ivf.nprobe >= ivf.nlist:
             return int(ivf.nprobe)
         nprobe = max(nprobe + 1, int(nprobe * 1.5))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_shard(folder: Path, shard: int, ids: list[str], vectors: np.ndarray, params: IndexParams) -> dict:
