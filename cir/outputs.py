@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -55,6 +56,24 @@ class OutputDir:
         for child in self.root.iterdir():
             if child.name.startswith(".") and ".tmp-" in child.name:
                 shutil.rmtree(child, ignore_errors=True)
+
+    def run_stage(self, stage: str, fingerprint: dict, work) -> tuple[dict, bool]:
+        """Make `stage` with `work(tmp) -> dict of manifest entries`, unless it is done with
+        this fingerprint (then it is kept; another fingerprint raises). Returns its
+        manifest and whether it was skipped."""
+        from cir.progress import log
+
+        if self.done(stage):
+            self.check_fingerprint(stage, fingerprint)
+            log(f"{stage}: already done in {self.path(stage)}, skipping")
+            return self.manifest(stage), True
+        log(f"{stage}: starting")
+        t0 = time.perf_counter()
+        with self.stage(stage, fingerprint) as (tmp, manifest):
+            manifest.update(work(tmp) or {})
+            manifest["seconds"] = round(time.perf_counter() - t0, 3)
+        log(f"{stage}: done in {manifest['seconds']:.1f}s -> {self.path(stage)}")
+        return self.manifest(stage), False
 
     @contextlib.contextmanager
     def stage(self, stage: str, fingerprint: dict):

@@ -7,7 +7,6 @@ changed is refused rather than silently reused. The caller has done `ray.init()`
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,23 +92,14 @@ class SynthRun:
 
     def _run_stage(self, name: str, fingerprint: dict, work) -> StageResult:
         self.fingerprints[name] = fingerprint
-        path = self.out.path(name)
-        if self.out.done(name):
-            self.out.check_fingerprint(name, fingerprint)
-            m = self.out.manifest(name)
-            log(f"{name}: already done ({m['rows']} rows in {path}), skipping")
-            return StageResult(m["rows"], m["seconds"], str(path), True, m.get("extra", {}))
-        log(f"{name}: starting")
-        t0 = time.perf_counter()
-        with self.out.stage(name, fingerprint) as (tmp, manifest):
+
+        def commit(tmp):
             extra = work(tmp) or {}
-            manifest["rows"] = _count_rows(tmp)
-            manifest["seconds"] = round(time.perf_counter() - t0, 3)
-            manifest["extra"] = {k: v for k, v in extra.items() if k != "bad_images"}
-            manifest["bad_images"] = extra.get("bad_images", [])
-        m = self.out.manifest(name)
-        log(f"{name}: {m['rows']} rows in {m['seconds']:.1f}s -> {path}")
-        return StageResult(m["rows"], m["seconds"], str(path), False, m["extra"])
+            return {"rows": _count_rows(tmp), "extra": {k: v for k, v in extra.items() if k != "bad_images"},
+                    "bad_images": extra.get("bad_images", [])}
+
+        m, skipped = self.out.run_stage(name, fingerprint, commit)
+        return StageResult(m["rows"], m["seconds"], str(self.out.path(name)), skipped, m.get("extra", {}))
 
     def stage_corpus(self) -> StageResult:
         c = self.cfg.corpus
