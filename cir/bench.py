@@ -243,14 +243,15 @@ def bench_direction(synth_output: str, n: int = 1000, shift: int = 7) -> dict:
     return result
 
 
-def bench_index(n: int, d: int, queries: int = 1000, k: int = 10) -> dict:
-    """The index the index job picks for `n` clustered vectors in one shard (auto: IVF
-    above 50k rows, nprobe tuned to recall 0.95 on the shard's own sample): its build
-    time, and on held-out queries its recall@k against exact search and its query speed
+def bench_index(n: int, d: int, memory_budget_mb: float = 0, queries: int = 1000, k: int = 10) -> dict:
+    """The index the index job picks for `n` clustered vectors in one shard (auto: IVF-Flat
+    above 50k rows, IVF-PQ where that exceeds `memory_budget_mb`; the search parameter
+    tuned to recall 0.96 on the shard's own sample): its build time, estimated and actual
+    size, and on held-out queries its recall@k against exact search and its query speed
     against a flat index's."""
     import faiss
 
-    from cir.index.build import IndexParams, build_shard
+    from cir.index.build import MIB, IndexParams, build_shard, plan_index, train_index, training_sample
 
     vectors = clustered_vectors(n + queries, d, seed=0)
     held_out, vectors = vectors[n:], vectors[:n]
@@ -259,18 +260,23 @@ def bench_index(n: int, d: int, queries: int = 1000, k: int = 10) -> dict:
     t0 = time.perf_counter()
     truth = flat.search(held_out, k)[1]
     flat_s = time.perf_counter() - t0
-    params = IndexParams()
-    factory, search = params.factory(n)
+    params = IndexParams(memory_budget_mb=memory_budget_mb)
+    plan = plan_index(params, n, d)
     t0 = time.perf_counter()
-    index = build_shard(vectors, factory, search, target_recall=params.target_recall)
+    index, search = build_shard(vectors, train_index(plan, d, training_sample(vectors, plan), params.gpu),
+                                plan, params)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     found = index.search(held_out, k)[1]
     index_s = time.perf_counter() - t0
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found)]))
-    result = {"vectors": n, "dim": d, "queries": queries, "factory": factory, "search": search,
-              "build_s": build_s, f"recall@{k}": recall, "flat_query_s": flat_s, "index_query_s": index_s,
-              "speed_vs_flat": flat_s / index_s}
-    log(f"index {n} x {d}: {factory} {search}, built in {build_s:.1f}s; recall@{k} {recall:.3f} "
-        f"at {result['speed_vs_flat']:.1f}x flat's query speed")
+    result = {"vectors": n, "dim": d, "queries": queries, "memory_budget_mb": memory_budget_mb,
+              "factory": plan.factory, "search": search, "build_s": build_s,
+              "estimated_memory_mb": plan.memory_bytes(n, d) / MIB,
+              "serialized_mb": len(faiss.serialize_index(index)) / MIB, f"recall@{k}": recall,
+              "flat_query_s": flat_s, "index_query_s": index_s, "speed_vs_flat": flat_s / index_s}
+    budget = f"{memory_budget_mb:g} MiB" if memory_budget_mb else "none"
+    log(f"index {n} x {d} (memory budget {budget}): {plan.factory} {search}, "
+        f"~{result['estimated_memory_mb']:.0f} MiB ({result['serialized_mb']:.0f} serialised), built in "
+        f"{build_s:.1f}s; recall@{k} {recall:.3f} at {result['speed_vs_flat']:.1f}x flat's query speed")
     return result

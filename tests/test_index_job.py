@@ -1,11 +1,16 @@
-"""The index job on a small shapes gallery: stages, manifest, search, resume, bad input."""
+"""The index job on a small shapes gallery: stages, manifest, search, resume, shard
+partitioning, bad input."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from cir.embed import read_embeddings
-from cir.index.build import check_encoder, read_manifest
+from cir.index.build import IndexParams, check_encoder, read_manifest
 from cir.index.job import IndexJobConfig, IndexRun
 from cir.index.search import ShardedIndex
 from cir.outputs import read_table
@@ -83,3 +88,32 @@ def test_the_job_scripts_flags_reach_the_config(index_run):
     cfg = job.build_config(job.parse_args(["--gallery", index_run[0].gallery, "--shards", "3",
                                            "--set", "index.kind=flat"]))
     assert (cfg.shards, cfg.index.kind, cfg.encoder) == (3, "flat", "cir-shapes")
+
+
+def test_each_shard_task_reads_only_its_partition(index_run, tmp_path):
+    from cir.index.build import shard_of
+    from cir.index.job import partition_by_shard, rows_in
+    from cir.outputs import parquet_files
+
+    cfg, _ = index_run
+    manifest = read_manifest(f"{cfg.output}/index")
+    parts = partition_by_shard([str(f) for f in parquet_files(Path(cfg.output, "embeddings"))], 2, tmp_path / "p")
+    assert [rows_in(files) for files in parts] == [s["rows"] for s in manifest["shards"]]
+    for shard, files in enumerate(parts):
+        ids = pa.concat_tables([pq.read_table(f) for f in files]).column("image_id").to_pylist()
+        assert set(shard_of(ids, 2).tolist()) == {shard}
+    # The stage's scratch partitions are gone: the index folder holds the shards and manifest only.
+    assert sorted(p.name for p in Path(cfg.output, "index").iterdir()) == sorted(
+        ["manifest.json", "_SUCCESS.json"] + [f for s in manifest["shards"] for f in (s["index"], s["ids"])])
+
+
+def test_empty_shards_and_a_too_small_budget_are_refused_before_any_shard_is_built(index_run, tmp_path):
+    cfg, _ = index_run
+    out = tmp_path / "out"
+    shutil.copytree(Path(cfg.output, "embeddings"), out / "embeddings")       # reused, not recomputed
+    too_small = r"of dim 128 needs at least [\d.]+ MiB \(Flat\), over index.memory_budget_mb=0.01"
+    for index, error in [({"shards": 64}, "empty: use fewer shards"),
+                         ({"index": IndexParams(memory_budget_mb=0.01)}, too_small)]:
+        with pytest.raises(ValueError, match=error):
+            IndexRun(IndexJobConfig(gallery=cfg.gallery, output=str(out), **index)).run()
+        assert sorted(p.name for p in out.iterdir()) == ["embeddings"]        # nothing half-written left

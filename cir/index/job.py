@@ -6,29 +6,35 @@ Stages, each a table folder under the output, committed like the synth job's
 
     embeddings  the one Ray Data embedding stage (`cir.embed`), through the encoder's
                 gallery side (an open_clip name, or a query-encoder spec)
-    index       one Ray task per shard: reads the embeddings, keeps its rows (a hash of
-                the id picks the shard, `build.shard_of`), writes its FAISS and ids files;
-                the driver writes the manifest (`cir.index.build`)
+    index       Ray Data splits the embeddings by shard (a hash of the id,
+                `build.shard_of`) into a scratch folder; the driver plans the index from
+                the shard sizes and the memory budget (`build.plan_index`); one Ray task
+                trains it on a sample (on a GPU where there is one), then one task per
+                shard reads its own rows only and writes its FAISS and ids files; the
+                driver writes the manifest (`cir.index.build`)
     gallery     image_id, caption, category and a JPEG thumbnail per image (Ray Data)
 """
 from __future__ import annotations
 
 import io
-import time
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cir.data import corpus as corpus_io
 from cir.embed import EmbedSettings
-from cir.index.build import MANIFEST, IndexParams, index_manifest, shard_rows, write_shard
+from cir.index.build import (MANIFEST, IndexParams, IndexPlan, check_shard_sizes, index_manifest, plan_index,
+                             shard_of, train_index, write_shard)
 from cir.outputs import OutputDir, parquet_files, write_json_atomic
-from cir.progress import log
 
-THUMBNAIL_SCHEMA = pa.schema([("image_id", pa.string()), ("caption", pa.string()), ("category", pa.string()),
-                              ("thumbnail", pa.binary())])
+GALLERY_SCHEMA = pa.schema([("image_id", pa.string()), ("caption", pa.string()), ("category", pa.string()),
+                            ("thumbnail", pa.binary()), ("reference", pa.binary())])
+# Small row groups: a server reads one group to answer one thumbnail (cir.index.gallery).
+GALLERY_ROW_GROUP = 256
 
 
 @dataclass
@@ -43,6 +49,10 @@ class IndexJobConfig:
     index: IndexParams = field(default_factory=IndexParams)
     encode: EmbedSettings = field(default_factory=EmbedSettings)
     thumbnail_size: int = 128
+    # The copy of each image that an `image_id` query encodes: PNG (lossless, so a gallery
+    # image queried by id encodes as it was indexed), shrunk to this longest side when
+    # larger (an encoder's input is ~224 px). 0: keep none (queries must upload).
+    reference_size: int = 224
     rows_per_file: int = 50_000
 
     def validate(self) -> None:
@@ -52,6 +62,8 @@ class IndexJobConfig:
             raise ValueError(f"shards must be >= 1, got {self.shards}")
         if not 16 <= self.thumbnail_size <= 1024:
             raise ValueError(f"thumbnail_size must be in 16..1024, got {self.thumbnail_size}")
+        if self.reference_size and not 16 <= self.reference_size <= 2048:
+            raise ValueError(f"reference_size must be 0 or in 16..2048, got {self.reference_size}")
         self.index.validate()
         self.encode.validate("encode")
         if is_query_spec(self.encoder):
@@ -77,24 +89,59 @@ def gallery_source(gallery: str) -> tuple[str, list[str] | pa.Table]:
     return "folder", corpus_io.scan_image_folder(path)
 
 
-def build_shard_from_embeddings(files: list[str], shard: int, n_shards: int, folder: str, params: dict) -> dict:
-    """A Ray task: the rows of `shard` from the embeddings table, indexed into `folder`."""
+def partition_by_shard(files: list[str], n_shards: int, folder: Path) -> list[list[str]]:
+    """The embeddings rows split by shard into `folder` (Ray Data: a shard column from
+    `shard_of`, then write_parquet partitioned on it, which names Hive-style folders
+    `shard=<i>`), so that each shard's task reads its own rows only; rows without an
+    embedding are dropped. Returns each shard's files ([] for an empty shard)."""
+    import pyarrow.compute as pc
+    import ray
+
+    def with_shard(batch: pa.Table) -> pa.Table:
+        batch = batch.filter(pc.is_valid(batch.column("embedding")))
+        return batch.append_column("shard", pa.array(shard_of(batch.column("image_id").to_pylist(), n_shards)))
+
+    ray.data.read_parquet(files).select_columns(["image_id", "embedding"]).map_batches(
+        with_shard, batch_format="pyarrow").write_parquet(str(folder), partition_cols=["shard"])
+    return [sorted(str(f) for f in (folder / f"shard={i}").glob("*.parquet")) for i in range(n_shards)]
+
+
+def rows_in(files: list[str]) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def train_from_files(files: list[str], plan: IndexPlan, dim: int, gpu, seed: int = 0) -> np.ndarray:
+    """A Ray task: `build.train_index` on about `plan.train_rows` rows drawn at random
+    from `files`, read one file at a time so that only the sample is held."""
+    from cir.schemas import embedding_matrix
+
+    sample = None
+    if plan.train_rows:
+        fraction = min(1.0, plan.train_rows / rows_in(files))
+        parts = []
+        for i, f in enumerate(files):
+            vectors = embedding_matrix(pq.read_table(f, columns=["embedding"]).column("embedding"))
+            parts.append(vectors[np.random.default_rng([seed, i]).random(len(vectors)) < fraction])
+        sample = np.concatenate(parts)
+    return train_index(plan, dim, sample, gpu)
+
+
+def build_shard_from_partition(files: list[str], shard: int, folder: str, params: IndexParams, plan: IndexPlan,
+                               trained: np.ndarray) -> dict:
+    """A Ray task: one shard's rows (its partition's files) indexed into `folder`."""
     from cir.schemas import embedding_matrix
 
     table = pa.concat_tables([pq.read_table(f, columns=["image_id", "embedding"]) for f in files])
-    table = table.filter(pa.compute.is_valid(table.column("embedding")))
-    ids = table.column("image_id").to_pylist()
-    rows = shard_rows(ids, n_shards)[shard]
-    vectors = embedding_matrix(table.column("embedding").take(pa.array(rows)))
-    return write_shard(Path(folder), shard, [ids[i] for i in rows], vectors, IndexParams(**params))
+    return write_shard(Path(folder), shard, table.column("image_id").to_pylist(),
+                       embedding_matrix(table.column("embedding")), params, plan, trained)
 
 
 class Thumbnailer:
-    """`map_batches` callable: image_id, caption, category and a JPEG thumbnail per row
-    (null where the image cannot be read)."""
+    """`map_batches` callable: image_id, caption, category, a JPEG thumbnail and the PNG
+    reference copy per row (nulls where the image cannot be read)."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, reference_size: int):
+        self.size, self.reference_size = size, reference_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from cir.embed import read_image
@@ -102,19 +149,28 @@ class Thumbnailer:
         def column(name):
             return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
 
-        thumbs = []
+        thumbs, refs = [], []
         for data, path in zip(column("image"), column("path")):
             try:
                 image = read_image(data, path)
             except ValueError:
                 thumbs.append(None)
+                refs.append(None)
                 continue
-            image.thumbnail((self.size, self.size))
-            out = io.BytesIO()
-            image.save(out, format="JPEG", quality=85)
-            thumbs.append(out.getvalue())
+            refs.append(self._encode(image, self.reference_size, "PNG") if self.reference_size else None)
+            thumbs.append(self._encode(image, self.size, "JPEG", quality=85))
         return pa.table({"image_id": column("image_id"), "caption": column("caption"),
-                         "category": column("category"), "thumbnail": thumbs}, schema=THUMBNAIL_SCHEMA)
+                         "category": column("category"), "thumbnail": thumbs, "reference": refs},
+                        schema=GALLERY_SCHEMA)
+
+    @staticmethod
+    def _encode(image, side: int, fmt: str, **kwargs) -> bytes:
+        if max(image.size) > side:
+            image = image.copy()
+            image.thumbnail((side, side))
+        out = io.BytesIO()
+        image.save(out, format=fmt, **kwargs)
+        return out.getvalue()
 
 
 class IndexRun:
@@ -146,23 +202,15 @@ class IndexRun:
                             **self._source_fingerprint()}, self._embeddings),
             ("index", {"shards": self.cfg.shards, "params": asdict(self.cfg.index), "encoder": self.cfg.encoder,
                        **self._source_fingerprint()}, self._index),
-            ("gallery", {"thumbnail_size": self.cfg.thumbnail_size, **self._source_fingerprint()}, self._gallery),
+            ("gallery", {"thumbnail_size": self.cfg.thumbnail_size, "reference_size": self.cfg.reference_size,
+                         **self._source_fingerprint()}, self._gallery),
         ]:
             results[name] = self._run_stage(name, fingerprint, work)
         return results
 
     def _run_stage(self, name: str, fingerprint: dict, work) -> dict:
-        if self.out.done(name):
-            self.out.check_fingerprint(name, fingerprint)
-            log(f"{name}: already done in {self.out.path(name)}, skipping")
-            return {**self.out.manifest(name), "skipped": True}
-        log(f"{name}: starting")
-        t0 = time.perf_counter()
-        with self.out.stage(name, fingerprint) as (tmp, manifest):
-            manifest.update(work(tmp) or {})
-            manifest["seconds"] = round(time.perf_counter() - t0, 3)
-        log(f"{name}: done in {time.perf_counter() - t0:.1f}s -> {self.out.path(name)}")
-        return {**self.out.manifest(name), "skipped": False}
+        manifest, skipped = self.out.run_stage(name, fingerprint, work)
+        return {**manifest, "skipped": skipped}
 
     def _embeddings(self, tmp: Path) -> dict:
         from cir.embed import embed, write_embeddings
@@ -181,20 +229,29 @@ class IndexRun:
     def _index(self, tmp: Path) -> dict:
         import ray
 
-        files = [str(f) for f in parquet_files(self.out.path("embeddings"))]
-        dim = self.out.manifest("embeddings")["dim"]
-        task = ray.remote(num_cpus=1)(build_shard_from_embeddings)
-        shards = ray.get([task.remote(files, i, self.cfg.shards, str(tmp), asdict(self.cfg.index))
-                          for i in range(self.cfg.shards)])
-        manifest = index_manifest(self.cfg.encoder, dim, self.cfg.index, shards)
+        params, dim = self.cfg.index, self.out.manifest("embeddings")["dim"]
+        scratch = tmp / "_by_shard"         # inside the stage's temp folder: gone if the stage fails
+        parts = partition_by_shard([str(f) for f in parquet_files(self.out.path("embeddings"))],
+                                   self.cfg.shards, scratch)
+        sizes = [rows_in(p) for p in parts]
+        check_shard_sizes(sizes)
+        plan = plan_index(params, max(sizes), dim)      # a budget too small is refused here, before any work
+        # Ray hides GPUs from a task that asks for none; given one, FAISS decides (build.use_gpu).
+        gpus = 1 if params.gpu is not False and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        trained = ray.remote(num_cpus=1, num_gpus=gpus)(train_from_files).remote(
+            [f for p in parts for f in p], plan, dim, params.gpu)     # each shard task waits for it
+        task = ray.remote(num_cpus=1)(build_shard_from_partition)
+        shards = ray.get([task.remote(p, i, str(tmp), params, plan, trained) for i, p in enumerate(parts)])
+        shutil.rmtree(scratch)              # the index folder holds the shards and the manifest only
+        manifest = index_manifest(self.cfg.encoder, dim, params, shards, self.cfg.image_encoder)
         write_json_atomic(tmp / MANIFEST, manifest)
-        return {"rows": manifest["rows"], "shard_rows": [s["rows"] for s in shards]}
+        return {"rows": manifest["rows"], "shard_rows": [s["rows"] for s in shards], "factory": plan.factory}
 
     def _gallery(self, tmp: Path) -> dict:
         import ray
 
-        self.images().map_batches(Thumbnailer, fn_constructor_args=(self.cfg.thumbnail_size,),
-                                  batch_size=256, batch_format="pyarrow",
+        self.images().map_batches(Thumbnailer, fn_constructor_args=(self.cfg.thumbnail_size, self.cfg.reference_size),
+                                  batch_size=GALLERY_ROW_GROUP, batch_format="pyarrow",
                                   compute=ray.data.ActorPoolStrategy(size=1)).write_parquet(
-            str(tmp), schema=THUMBNAIL_SCHEMA)
+            str(tmp), schema=GALLERY_SCHEMA, row_group_size=GALLERY_ROW_GROUP)
         return {"rows": sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(tmp))}
