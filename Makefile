@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PYBIN   := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install synth test bench clean
+.PHONY: install synth index serve test bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml Makefile
 
 synth: $(STAMP)
 	$(PYBIN) jobs/synth.py $(ARGS)
+
+# After `make synth`: index its gallery (resumes when done), then serve it on 127.0.0.1:8000.
+index: $(STAMP)
+	$(PYBIN) jobs/index.py $(ARGS)
+
+serve: index
+	$(VENV)/bin/serve run serve/config.yaml
 
 test: $(STAMP)
 	$(PYBIN) -m pytest tests $(ARGS)

@@ -98,15 +98,28 @@ def pick_device(device: str | None = None) -> str:
     return device
 
 
-def decode_image(data: bytes):
-    """Decode encoded image bytes to RGB; raises ValueError for anything unreadable."""
+class ImageTooLarge(ValueError):
+    """An image whose pixel count is over the caller's limit (a decode bomb, or just too big)."""
+
+
+def decode_image(data: bytes, max_pixels: int | None = None):
+    """Decode encoded image bytes to RGB; raises ValueError for anything unreadable, and
+    ImageTooLarge, before decoding, for more than `max_pixels` pixels."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if max_pixels and im.width * im.height > max_pixels:
+                raise ImageTooLarge(f"image is {im.width}x{im.height} pixels, over the limit of {max_pixels:,}")
             im.load()
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}") from exc
+    except ImageTooLarge:
+        raise
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image: not a format PIL recognises") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"not a readable image: {exc}") from exc
 
 

@@ -123,3 +123,37 @@ def load_query_encoder(spec: str, encoder: str | None = None, *, device: str | N
 
     return load_composer_encoder(parsed.value, encoder=encoder, device=device, threads=threads,
                                  precision=precision)
+
+
+def gallery_identity(spec: str, image_encoder: str | None = None) -> str:
+    """What a gallery's vectors depend on, so that serving can check it encodes queries
+    into the same space: the open_clip tower for an open_clip name or any baseline (all
+    baselines embed the gallery with their tower's image side), the export's absolute
+    path for a checkpoint."""
+    from cir.encoders import parse_encoder_name
+
+    if not is_query_spec(spec):
+        return f"open_clip:{parse_encoder_name(spec).alias or spec.strip().removeprefix('open_clip:')}"
+    parsed = parse_query_spec(spec)
+    if parsed.kind == "checkpoint":
+        return f"checkpoint:{Path(parsed.value).expanduser().resolve()}"
+    if not image_encoder:
+        raise ValueError(f"model {spec!r} needs an encoder name (e.g. cir-shapes)")
+    return gallery_identity(image_encoder)
+
+
+def serving_model(index_encoder: str, index_image_encoder: str | None = None, model: str | None = None,
+                  encoder: str | None = None) -> tuple[str, str | None]:
+    """The (query-encoder spec, open_clip tower) that serves an index built with
+    `index_encoder` (and `index_image_encoder`): `model`/`encoder` when given, else the
+    index's own checkpoint or baseline, or baseline:sum over its open_clip encoder.
+    Refuses a model whose gallery side differs from the index's."""
+    if model is None:
+        model = index_encoder if is_query_spec(index_encoder) else "baseline:sum"
+    if parse_query_spec(model).kind == "baseline" and encoder is None:
+        encoder = index_image_encoder if is_query_spec(index_encoder) else index_encoder
+    built, serving = gallery_identity(index_encoder, index_image_encoder), gallery_identity(model, encoder)
+    if built != serving:
+        raise ValueError(f"the index was built for {built}, but model {model!r} encodes into {serving}: "
+                         "serve the model the index was built with, or rebuild the index (jobs/index.py)")
+    return model, encoder

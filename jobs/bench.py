@@ -13,8 +13,14 @@ mine:   FAISS self-kNN time vs corpus size, and the approximate index's recall@k
 generate: rows/s and generated tokens/s of the `hf` backend's batched actor (Ray Data,
         left-padded batches) against the same model answering one prompt at a time in
         this process, on shapes caption pairs (default: SmolLM2, 200 pairs).
-index:  the index the index job picks for --index-size clustered vectors: build time,
+index:  the index the index job picks for --index-size clustered vectors within
+        --memory-budget-mb (0: none): build time, estimated and serialised size,
         recall@10 against exact search and query speed against flat, on held-out queries.
+serve:  p50/p99 latency and throughput of the search app's POST /search (serve/) on
+        --serve-vectors gallery vectors in 2 shards, at concurrency 1 and 8 over loopback,
+        against the same encoder + FAISS search called in this process.
+load:   --load-seconds of searches at concurrency 8: every status and each replica's
+        memory growth after a warm-up.
 direction: the quality filter's direction score on a synth output's texts, for their own
         pair and for another pair's (is the encoder's text tower informative?).
 train:  samples/s of the Ray Train + DeepSpeed loop (1 and 2 workers) against a plain
@@ -33,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BENCHES = ("encode", "mine", "train", "generate", "direction", "index")
+BENCHES = ("encode", "mine", "train", "generate", "direction", "index", "serve", "load")
 
 
 def main(argv=None) -> int:
@@ -59,6 +65,12 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-prompts", type=int, default=24,
                    help="generate: prompts the one-at-a-time baseline answers (its rate, not its total, counts)")
     p.add_argument("--index-size", type=int, default=1_000_000, help="index: gallery vectors")
+    p.add_argument("--memory-budget-mb", type=float, default=0,
+                   help="index: MiB the shard's index may take (0: no limit; a tight one picks IVF-PQ)")
+    p.add_argument("--serve-vectors", type=int, default=100_000, help="serve/load: gallery vectors")
+    p.add_argument("--serve-requests", type=int, default=200, help="serve: requests at concurrency 1 (x4 at 8)")
+    p.add_argument("--serve-encoder", default="cir-shapes", help="serve/load: the open_clip tower of baseline:sum")
+    p.add_argument("--load-seconds", type=float, default=60, help="load: seconds of load")
     p.add_argument("--synth-output", default="outputs/synth-local", help="direction: a synth output folder")
     p.add_argument("--output", default="outputs/bench")
     args = p.parse_args(argv)
@@ -92,7 +104,16 @@ def main(argv=None) -> int:
     if "index" in args.what:
         from cir.bench import bench_index
 
-        results["index"] = bench_index(args.index_size, args.dim)
+        results["index"] = bench_index(args.index_size, args.dim, args.memory_budget_mb)
+    if "serve" in args.what or "load" in args.what:
+        from cir.raycluster import init_ray
+        from cir.serving.bench import bench_load, bench_serve
+
+        init_ray()
+        if "serve" in args.what:
+            results["serve"] = bench_serve(args.serve_vectors, args.serve_requests, encoder=args.serve_encoder)
+        if "load" in args.what:
+            results["load"] = bench_load(args.serve_vectors, args.load_seconds, encoder=args.serve_encoder)
     if "direction" in args.what:
         from cir.bench import bench_direction
 

@@ -5,9 +5,12 @@
     ray job submit --working-dir . -- python jobs/index.py --gallery /mnt/shared/corpus --shards 8
 
 Stages under --output (each committed atomically; a rerun resumes): embeddings (the
-Ray Data embedding stage, through the encoder's gallery side) -> index (one Ray task
-per shard; manifest.json with the encoder, dim, index type and checksums) -> gallery
-(captions, categories and thumbnails). See cir/index/.
+Ray Data embedding stage, through the encoder's gallery side) -> index (rows partitioned
+by shard with Ray Data, the index trained once on a sample, one Ray task per shard adding
+its rows; the type from the shard size and --set index.memory_budget_mb=...;
+manifest.json with the encoder, dim, index type and checksums) -> gallery (captions,
+categories, thumbnails and reference copies). See cir/index/. Serve the result with
+`serve run serve/config.yaml`.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,71 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     from tiny_llm import build_tiny_chat_model
 
     return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))
+
+
+@pytest.fixture(scope="session")
+def small_benchmark(tmp_path_factory):
+    """A shapes benchmark: 300 train, 60 val and 60 test queries (~300 images a split)."""
+    from cir.data.shapes_corpus import write_benchmark
+
+    return write_benchmark(tmp_path_factory.mktemp("shapes") / "bench", seed=3, n_train=300, n_val=60, n_test=60)
+
+
+@pytest.fixture(scope="session")
+def trained_shapes_export(ray_session, small_benchmark, tmp_path_factory):
+    """(export folder, its TrainConfig) of a composer trained on `small_benchmark`."""
+    from trained import shapes_training_config
+
+    from cir.train.run import run_training
+
+    cfg = shapes_training_config(tmp_path_factory.mktemp("trained"), small_benchmark)
+    return run_training(cfg), cfg
+
+
+@pytest.fixture(scope="session")
+def search_index(trained_shapes_export, small_benchmark, tmp_path_factory):
+    """The index job's output over the val gallery of `small_benchmark`, encoded by the
+    trained export, in 2 shards."""
+    from cir.index.job import IndexJobConfig, IndexRun
+
+    export, _ = trained_shapes_export
+    cfg = IndexJobConfig(gallery=str(small_benchmark / "val" / "gallery.parquet"), encoder=f"checkpoint:{export}",
+                         output=str(tmp_path_factory.mktemp("search-index") / "index"), shards=2)
+    IndexRun(cfg).run()
+    return cfg
+
+
+@dataclass
+class ServedApp:
+    url: str                  # http://127.0.0.1:PORT, no trailing slash
+    image_path: Path          # a PNG of a gallery image, to upload
+    gallery_ids: list
+    settings: object          # the app's ServeSettings
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_app(search_index, tmp_path_factory):
+    """The search app of serve/ under `serve.run`, on a free loopback port."""
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.settings import ServeSettings
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(index=search_index.output, shards=search_index.shards)
+    serve.run(build_app(settings), name="cir-search", route_prefix="/")
+    gallery = pq.read_table(search_index.gallery, columns=["image_id", "image"])
+    image_path = tmp_path_factory.mktemp("upload") / "reference.png"
+    image_path.write_bytes(gallery.column("image")[0].as_py())
+    yield ServedApp(f"http://127.0.0.1:{port}", image_path, gallery.column("image_id").to_pylist(), settings)
+    serve.shutdown()

@@ -10,34 +10,12 @@ import pytest
 
 from cir.config import load_config
 from cir.train.config import TrainConfig
+from trained import REPO, SHAPES_MODEL, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
-
-
-def tiny_config(tmp_path, **overrides) -> TrainConfig:
-    pairs = [("run.storage", str(tmp_path / "runs")),
-             ("stages", [{"name": "finetune",
-                          "data": {"source": "benchmark", "split": "train", "limit": 256,
-                                   "benchmark_dir": str(tmp_path / "bench")},
-                          "optim": {"lr": 1e-3, "warmup_steps": 2, "epochs": 1, "micro_batch_size": 16},
-                          "loss": {"objective": "infonce"}}])]
-    pairs += [(k.replace("__", "."), v) for k, v in overrides.items()]
-    cfg = load_config(TrainConfig, REPO / "configs" / "train" / "tiny_test.yaml", pairs)
-    cfg.validate()
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def small_benchmark(tmp_path_factory):
-    from cir.data.shapes_corpus import write_benchmark
-
-    root = tmp_path_factory.mktemp("shapes") / "bench"
-    write_benchmark(root, seed=3, n_train=300, n_val=60, n_test=60)
-    return root
 
 
 def _history_steps(stage_dir: Path) -> list[int]:
@@ -96,25 +74,20 @@ def test_the_export_is_the_model_as_trained(ray_session, tmp_path, small_benchma
     assert max(moved.values()) > 1e-3 and moved["visual.conv1.weight"] == 0  # trained; the tower frozen
 
 
-def test_short_training_learns(ray_session, tmp_path, small_benchmark):
+def test_short_training_learns(ray_session, trained_shapes_export, small_benchmark):
     """Recall@10 on the val split far above the untrained composer's."""
     import torch
 
     from cir.models.composer import ComposerConfig, build_composer
     from cir.models.export import load_composer
     from cir.train.loop import evaluate_recall
-    from cir.train.run import build_val, features_folder, run_training
+    from cir.train.run import build_val, features_folder
 
-    model = {"vision": "cir-shapes", "llm": "builtin:tiny-bert"}
-    cfg = tiny_config(tmp_path, model=model, run__eval_every=0, run__checkpoint_every=1000,
-                      **{"stages": [{"name": "finetune",
-                                     "data": {"source": "benchmark", "benchmark_dir": str(small_benchmark)},
-                                     "optim": {"lr": 2e-3, "warmup_steps": 5, "epochs": 12, "micro_batch_size": 16},
-                                     "loss": {"objective": "infonce"}}]})
+    export, cfg = trained_shapes_export
     val = build_val(str(small_benchmark), "cir-shapes", "val", 60, features_folder(cfg))
     torch.manual_seed(0)
-    untrained = evaluate_recall(build_composer(ComposerConfig(**model)), val)
-    trained = evaluate_recall(load_composer(run_training(cfg)), val)
+    untrained = evaluate_recall(build_composer(ComposerConfig(**SHAPES_MODEL)), val)
+    trained = evaluate_recall(load_composer(export), val)
     assert trained["val_recall@10"] >= max(3 * untrained["val_recall@10"], untrained["val_recall@10"] + 20), \
         (untrained, trained)
 

@@ -17,8 +17,9 @@ class ShardSearcher:
     def __init__(self, index, ids: np.ndarray):
         self.index, self.ids = index, ids
 
-    def search(self, queries: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per query: (scores, ids) of the top-k and of the rows tied with the k-th."""
+    def search(self, queries: np.ndarray, k: int, with_vectors: bool = False) -> list[tuple]:
+        """Per query: (scores, ids) of the top-k and of the rows tied with the k-th, and
+        their stored vectors when `with_vectors` (for `collapse_near_duplicates`)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n = self.index.ntotal
         out = []
@@ -36,12 +37,17 @@ class ShardSearcher:
                 kk = min(2 * kk, n)
             keep = scores >= scores[min(k, len(scores)) - 1] if len(scores) else np.zeros(0, bool)
             keep[: min(k, len(keep))] = True
-            out.append((scores[keep], self.ids[rows[keep]]))
+            answer = (scores[keep], self.ids[rows[keep]])
+            out.append(answer + (self._vectors(rows[keep]),) if with_vectors else answer)
         return out
 
+    def _vectors(self, rows: np.ndarray) -> np.ndarray:
+        if not len(rows):
+            return np.zeros((0, self.index.d), np.float32)
+        return self.index.reconstruct_batch(rows)
+
     def _exact_scores(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        vectors = self.index.reconstruct_batch(rows) if len(rows) else np.zeros((0, len(query)), np.float32)
-        return vectors.astype(np.float64) @ query.astype(np.float64)
+        return self._vectors(rows).astype(np.float64) @ query.astype(np.float64)
 
 
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +57,17 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
     ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=object)
     order = np.lexsort((ids, -scores))[:k]
     return scores[order], ids[order]
+
+
+def collapse_near_duplicates(ids: np.ndarray, vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """Positions of the results to keep, in rank order: a result is dropped when its
+    cosine similarity to a better-ranked kept one reaches `threshold` (the `dedupe` of
+    clip-retrieval's search API). Vectors are L2-normalised."""
+    kept: list[int] = []
+    for i in range(len(ids)):
+        if not kept or float(np.max(vectors[kept] @ vectors[i])) < threshold:
+            kept.append(i)
+    return np.asarray(kept, dtype=np.int64)
 
 
 class ShardedIndex:

@@ -1,0 +1,1 @@
+"""What the retrieval server checks before a model sees a request (`inputs`)."""

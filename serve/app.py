@@ -1,0 +1,105 @@
+"""The retrieval app: a composed-query encoder, one deployment per index shard, and a
+FastAPI ingress that encodes a query, fans it out to the shards and merges their top-k
+(`cir.index.search`: exactly what one index over all rows returns, ties by id).
+
+    serve run serve/config.yaml          # the index of `python jobs/index.py`, on 127.0.0.1:8000
+    serve build serve.app:app -o x.yaml  # `app` is the Application with default settings
+
+`build_app(ServeSettings)` is the builder that `serve/config.yaml` names; Serve checks
+its `args:` against `ServeSettings`. (No `from __future__ import annotations` here:
+Serve reads that annotation as a class.)
+"""
+from pathlib import Path
+
+import numpy as np
+from ray import serve
+from ray.serve import Application
+
+from serve.ingress import SearchIngress
+from serve.settings import ServeSettings
+
+
+@serve.deployment
+class QueryEncoder:
+    """Turns (reference image, text) into a query vector, batching concurrent requests."""
+
+    def __init__(self, settings: dict):
+        from cir.index.build import read_manifest
+        from cir.query_encoders import load_query_encoder, serving_model
+
+        s = ServeSettings.model_validate(settings)
+        manifest = read_manifest(s.folders()[0])
+        self.spec, tower = serving_model(manifest["encoder"], manifest.get("image_encoder"), s.model, s.encoder)
+        self.model = load_query_encoder(self.spec, tower, device=s.device, threads=s.threads)
+        if self.model.dim != manifest["dim"]:
+            raise ValueError(f"{self.spec} gives {self.model.dim}-d queries, the index holds {manifest['dim']}-d "
+                             "vectors: rebuild the index with this model")
+        self.encode.set_max_batch_size(s.batching.max_batch_size)
+        self.encode.set_batch_wait_timeout_s(s.batching.batch_wait_timeout_s)
+
+    def describe(self) -> dict:
+        m = self.model
+        return {"name": m.name, "spec": self.spec, "encoder": m.encoder, "dim": m.dim,
+                "uses_images": m.uses_images, "uses_texts": m.uses_texts}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def encode(self, queries: list) -> list:
+        """Each query is (RGB image or None, text or None). Answers a float32 vector, or
+        the encoder's error message for a query it cannot take (e.g. no text for a model
+        that needs one); queries of one form are encoded together."""
+        out: list = [None] * len(queries)
+        forms: dict = {}
+        for i, (image, text) in enumerate(queries):
+            forms.setdefault((image is None, text is None), []).append(i)
+        for rows in forms.values():
+            try:
+                vectors = self.model.encode_queries([queries[i][0] for i in rows], [queries[i][1] for i in rows])
+            except ValueError as exc:
+                vectors = [str(exc)] * len(rows)
+            for i, v in zip(rows, vectors):
+                out[i] = v
+        return out
+
+
+@serve.deployment
+class IndexShard:
+    """One shard of the index, memory-mapped, answering top-k with ties."""
+
+    def __init__(self, settings: dict, shard: int):
+        from cir.index.build import load_shard, read_manifest
+        from cir.index.search import ShardSearcher
+
+        import faiss
+
+        s = ServeSettings.model_validate(settings)
+        # FAISS's OpenMP threads spin while they wait: more than the replica's CPUs slows
+        # every replica on the node.
+        faiss.omp_set_num_threads(s.threads)
+        index_dir = s.folders()[0]
+        manifest = read_manifest(index_dir)
+        if shard >= len(manifest["shards"]):
+            raise ValueError(f"{index_dir} has {len(manifest['shards'])} shards, no shard {shard}")
+        self.shard, self.entry = shard, manifest["shards"][shard]
+        self.searcher = ShardSearcher(*load_shard(index_dir, shard, manifest))
+
+    def describe(self) -> dict:
+        return {"shard": self.shard, "rows": self.entry["rows"], "factory": self.entry["factory"],
+                "search": self.entry["search"]}
+
+    def search(self, query: np.ndarray, k: int, with_vectors: bool = False) -> tuple:
+        return self.searcher.search(query[None], k, with_vectors)[0]
+
+
+def build_app(args: ServeSettings) -> Application:
+    """The deployment graph. Nothing is read here (the index may live on storage only the
+    cluster sees): each replica checks the index when it starts."""
+    # Relative to where the app is built (the repository root under `serve run`).
+    settings = args.model_copy(update={"index": str(Path(args.index).expanduser().resolve())})
+    plain = settings.model_dump()
+    encoder = QueryEncoder.options(**settings.query_encoder.options("QueryEncoder")).bind(plain)
+    shards = [IndexShard.options(**settings.shard.options(f"IndexShard{i:03d}")).bind(plain, i)
+              for i in range(settings.shards)]
+    return SearchIngress.options(**settings.ingress.options("SearchIngress")).bind(encoder, shards, plain)
+
+
+app = build_app(ServeSettings())

@@ -1,0 +1,34 @@
+"""A tiny composer trained for real on a small shapes benchmark (Ray Train, 2 workers):
+what test_train checks learns, and what the serving tests index and serve."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cir.config import load_config
+from cir.train.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES_MODEL = {"vision": "cir-shapes", "llm": "builtin:tiny-bert"}
+
+
+def tiny_config(tmp_path, **overrides) -> TrainConfig:
+    pairs = [("run.storage", str(Path(tmp_path) / "runs")),
+             ("stages", [{"name": "finetune",
+                          "data": {"source": "benchmark", "split": "train", "limit": 256,
+                                   "benchmark_dir": str(Path(tmp_path) / "bench")},
+                          "optim": {"lr": 1e-3, "warmup_steps": 2, "epochs": 1, "micro_batch_size": 16},
+                          "loss": {"objective": "infonce"}}])]
+    pairs += [(k.replace("__", "."), v) for k, v in overrides.items()]
+    cfg = load_config(TrainConfig, REPO / "configs" / "train" / "tiny_test.yaml", pairs)
+    cfg.validate()
+    return cfg
+
+
+def shapes_training_config(tmp_path, benchmark: Path) -> TrainConfig:
+    """12 epochs of InfoNCE on the benchmark's train split: enough to learn the edits."""
+    return tiny_config(tmp_path, model=SHAPES_MODEL, run__eval_every=0, run__checkpoint_every=1000,
+                       **{"stages": [{"name": "finetune",
+                                      "data": {"source": "benchmark", "benchmark_dir": str(benchmark)},
+                                      "optim": {"lr": 2e-3, "warmup_steps": 5, "epochs": 12,
+                                                "micro_batch_size": 16},
+                                      "loss": {"objective": "infonce"}}]})
