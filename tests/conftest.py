@@ -92,9 +92,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served_app(search_index, tmp_path_factory):
-    """The search app of serve/ under `serve.run`, on a free loopback port."""
+    """The search app of serve/ under `serve.run`, on a free loopback port. Per module:
+    its replicas hold 1.25 of the session's 2 CPUs, which later modules' Ray Data and
+    Ray Train jobs need back."""
     import pyarrow.parquet as pq
     from ray import serve
 
