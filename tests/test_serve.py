@@ -98,8 +98,11 @@ def test_info_health_gallery_thumbnails_and_page(served_app, search_index):
     assert sum(s["rows"] for s in info["shards"]) == info["index"]["rows"] == info["gallery_rows"] == \
         len(served_app.gallery_ids)
     assert httpx.get(f"{served_app.url}/healthz").json()["status"] == "ok"
+    everything = httpx.get(f"{served_app.url}/gallery", params={"limit": 500}).json()
+    listed = [i["image_id"] for i in everything["items"]]
+    assert everything["total"] == len(listed) and sorted(listed) == sorted(served_app.gallery_ids)
     page = httpx.get(f"{served_app.url}/gallery", params={"offset": 5, "limit": 3}).json()
-    assert [i["image_id"] for i in page["items"]] == served_app.gallery_ids[5:8]
+    assert [i["image_id"] for i in page["items"]] == listed[5:8]
     thumb = httpx.get(f"{served_app.url}/images/{served_app.gallery_ids[0]}")
     assert thumb.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(thumb.content)).size[0] > 0
     html = httpx.get(f"{served_app.url}/")
