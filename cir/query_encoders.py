@@ -142,18 +142,17 @@ def gallery_identity(spec: str, image_encoder: str | None = None) -> str:
     return gallery_identity(image_encoder)
 
 
-def serving_model(index_encoder: str, index_image_encoder: str | None = None, model: str | None = None,
-                  encoder: str | None = None) -> tuple[str, str | None]:
-    """The (query-encoder spec, open_clip tower) that serves an index built with
-    `index_encoder` (and `index_image_encoder`): `model`/`encoder` when given, else the
-    index's own checkpoint or baseline, or baseline:sum over its open_clip encoder.
-    Refuses a model whose gallery side differs from the index's."""
+def serving_model(manifest: dict, model: str | None = None, encoder: str | None = None) -> tuple[str, str | None]:
+    """The (query-encoder spec, open_clip tower) that serves the index of `manifest`:
+    `model`/`encoder` when given, else the index's own checkpoint or baseline, or
+    baseline:sum over its open_clip encoder. Refuses (`build.check_encoder`) a model whose
+    gallery side differs from the index's."""
+    from cir.index.build import check_encoder
+
+    built = manifest["encoder"]
     if model is None:
-        model = index_encoder if is_query_spec(index_encoder) else "baseline:sum"
+        model = built if is_query_spec(built) else "baseline:sum"
     if parse_query_spec(model).kind == "baseline" and encoder is None:
-        encoder = index_image_encoder if is_query_spec(index_encoder) else index_encoder
-    built, serving = gallery_identity(index_encoder, index_image_encoder), gallery_identity(model, encoder)
-    if built != serving:
-        raise ValueError(f"the index was built for {built}, but model {model!r} encodes into {serving}: "
-                         "serve the model the index was built with, or rebuild the index (jobs/index.py)")
+        encoder = manifest.get("image_encoder") if is_query_spec(built) else built
+    check_encoder(manifest, model, image_encoder=encoder)
     return model, encoder

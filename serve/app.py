@@ -24,16 +24,14 @@ class QueryEncoder:
     """Turns (reference image, text) into a query vector, batching concurrent requests."""
 
     def __init__(self, settings: dict):
-        from cir.index.build import read_manifest
+        from cir.index.build import check_encoder, read_manifest
         from cir.query_encoders import load_query_encoder, serving_model
 
         s = ServeSettings.model_validate(settings)
         manifest = read_manifest(s.folders()[0])
-        self.spec, tower = serving_model(manifest["encoder"], manifest.get("image_encoder"), s.model, s.encoder)
+        self.spec, tower = serving_model(manifest, s.model, s.encoder)     # refused before loading it
         self.model = load_query_encoder(self.spec, tower, device=s.device, threads=s.threads)
-        if self.model.dim != manifest["dim"]:
-            raise ValueError(f"{self.spec} gives {self.model.dim}-d queries, the index holds {manifest['dim']}-d "
-                             "vectors: rebuild the index with this model")
+        check_encoder(manifest, self.spec, self.model.dim, tower)
         self.encode.set_max_batch_size(s.batching.max_batch_size)
         self.encode.set_batch_wait_timeout_s(s.batching.batch_wait_timeout_s)
 

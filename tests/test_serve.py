@@ -232,8 +232,8 @@ def test_serving_a_model_the_index_was_not_built_for_is_refused(search_index):
     from cir.query_encoders import serving_model
 
     manifest = read_manifest(Path(search_index.output) / "index")
-    assert serving_model(manifest["encoder"])[0] == manifest["encoder"]
+    assert serving_model(manifest)[0] == manifest["encoder"]
     with pytest.raises(ValueError, match="rebuild the index"):
-        serving_model(manifest["encoder"], model="baseline:sum", encoder="cir-shapes")
+        serving_model(manifest, model="baseline:sum", encoder="cir-shapes")
     with pytest.raises(ValueError, match="rebuild the index"):
-        serving_model("cir-shapes", model="baseline:sum", encoder="cir-tiny")
+        serving_model({"encoder": "cir-shapes", "dim": 128}, model="baseline:sum", encoder="cir-tiny")

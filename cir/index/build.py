@@ -290,7 +290,7 @@ def write_shard(folder: Path, shard: int, ids: list[str], vectors: np.ndarray, p
 def index_manifest(encoder: str, dim: int, params: IndexParams, shards: list[dict],
                    image_encoder: str | None = None) -> dict:
     """`encoder` (with `image_encoder`, the tower of a baseline:... spec) is what encoded
-    the gallery; serving checks its model against it (`query_encoders.serving_model`)."""
+    the gallery; serving checks its model against it (`check_encoder`)."""
     return {"format_version": FORMAT_VERSION, "encoder": encoder, "image_encoder": image_encoder, "dim": int(dim),
             "metric": METRIC, "rows": sum(s["rows"] for s in shards), "params": asdict(params), "shards": shards}
 
@@ -336,11 +336,18 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def check_encoder(manifest: dict, encoder: str, dim: int) -> None:
-    """The serving encoder must be the one the gallery was encoded with."""
-    if manifest["encoder"] != encoder or manifest["dim"] != dim:
-        raise IndexMismatch(f"the index was built with encoder {manifest['encoder']!r} (dim {manifest['dim']}), "
-                            f"but queries come from {encoder!r} (dim {dim}): rebuild the index with this encoder")
+def check_encoder(manifest: dict, encoder: str, dim: int | None = None, image_encoder: str | None = None) -> None:
+    """Queries from `encoder` (an open_clip name or a query-encoder spec, with the tower
+    `image_encoder` of a baseline) must land in the space the gallery was encoded into:
+    the same gallery side (`query_encoders.gallery_identity`) and, when given, dim."""
+    from cir.query_encoders import gallery_identity
+
+    built = gallery_identity(manifest["encoder"], manifest.get("image_encoder"))
+    serving = gallery_identity(encoder, image_encoder)
+    if built != serving or (dim is not None and manifest["dim"] != dim):
+        raise IndexMismatch(f"the index was built for {built} (dim {manifest['dim']}), but queries come from "
+                            f"{encoder!r} ({serving}{f', dim {dim}' if dim is not None else ''}): "
+                            "rebuild the index with this model (jobs/index.py)")
 
 
 def mmap_flag(factory: str) -> int:

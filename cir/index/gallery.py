@@ -8,6 +8,7 @@ few groups cached, so a replica's memory does not grow with the gallery's images
 """
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from pathlib import Path
 
@@ -24,15 +25,16 @@ class GalleryStore:
         self.files = [pq.ParquetFile(f) for f in parquet_files(self.folder)]
         if not self.files:
             raise FileNotFoundError(f"{self.folder} holds no gallery table; run jobs/index.py")
-        self.ids, self.captions, self.categories, self._where = [], [], [], []
+        self.ids, self.captions, self.categories = [], [], []
+        self._groups_at: list[tuple[int, int, int]] = []     # (first row, file, row group), in row order
         for fi, pf in enumerate(self.files):
             for gi in range(pf.num_row_groups):
                 group = pf.read_row_group(gi, columns=list(METADATA))
-                n = group.num_rows
+                self._groups_at.append((len(self.ids), fi, gi))
                 self.ids += group.column("image_id").to_pylist()
                 self.captions += group.column("caption").to_pylist()
                 self.categories += group.column("category").to_pylist()
-                self._where += [(fi, gi, r) for r in range(n)]
+        self._group_starts = [start for start, _, _ in self._groups_at]
         self._row = {image_id: i for i, image_id in enumerate(self.ids)}
         if len(self._row) != len(self.ids):
             raise ValueError(f"{self.folder}: gallery ids are not unique")
@@ -61,7 +63,9 @@ class GalleryStore:
         return self._blob(image_id, "reference") if self.has_references else None
 
     def _blob(self, image_id: str, column: str) -> bytes | None:
-        fi, gi, r = self._where[self._row[image_id]]
+        row = self._row[image_id]
+        start, fi, gi = self._groups_at[bisect.bisect_right(self._group_starts, row) - 1]
+        r = row - start
         key = (fi, gi, column)
         if key not in self._groups:
             self._groups[key] = self.files[fi].read_row_group(gi, columns=[column]).column(0)
