@@ -20,9 +20,10 @@ from cir.config import load_config, parse_override  # noqa: E402
 from cir.train.config import TrainConfig  # noqa: E402
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/train/shapes_A.yaml")
+def parse_args(argv=None, doc: str = __doc__, example: str = "configs/train/shapes_A.yaml"):
+    """The flags of the training jobs (this one and jobs/train_generator.py)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
     p.add_argument("--name", help="run name (overrides run.name); same name = resume")
     p.add_argument("--storage", help="where runs live (overrides run.storage)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -124,7 +124,9 @@ def _save_plain(folder: Path, module, optimizer, scheduler, steps: int) -> None:
     from safetensors.torch import save_file
 
     names = {id(p): n for n, p in module.named_parameters()}
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
+    # Cloned: tied weights (an LM's input and output embeddings) share memory, which
+    # safetensors refuses to save.
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():

@@ -1,4 +1,5 @@
-"""The Ray Train worker loop of one training stage.
+"""The Ray Train worker loop of one training stage (`run_steps`, which the text
+generator's loop shares) and the composer's stage around it.
 
 Every worker: builds the composer (from the previous stage's export when chained) and
 the stage's objective around it (`cir.train.objectives`), wraps that in an `Engine`
@@ -74,40 +75,62 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_loop_per_worker(config: dict) -> None:
+def worker_setup(run: RunSettings, seed: int):
+    """(rank, world, device) of this Ray Train worker, its threads and seeds set."""
     import ray.train
-    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    torch.set_num_threads(run.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    _seed_everything(seed)
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The composer's stage: its objective in an Engine, stepped by `run_steps`."""
+    import ray
 
     from cir.models.composer import build_composer
     from cir.models.config import ComposerConfig
+    from cir.models.export import export_composer
     from cir.train.engine import Engine
     from cir.train.objectives import build_objective
 
     stage = from_dict(StageConfig, config["stage"], "stage")
     run = from_dict(RunSettings, config["run"], "run")
-    ds_settings = from_dict(DeepSpeedConfig, config["deepspeed"], "deepspeed")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(run.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
-    _seed_everything(stage.data.seed)
-    device = ray.train.torch.get_device()
-
+    rank, world, device = worker_setup(run, stage.data.seed)
     composer = build_composer(from_dict(ComposerConfig, config["model"], "model"))
     if config.get("init_from"):
         from safetensors.torch import load_model
 
         load_model(composer, str(Path(config["init_from"]) / "model.safetensors"), strict=True)
-    total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
-    engine = Engine(build_objective(composer, stage.loss).to(device), stage, ds_settings, world, total_steps,
-                    device)
+    engine = Engine(build_objective(composer, stage.loss).to(device), stage,
+                    from_dict(DeepSpeedConfig, config["deepspeed"], "deepspeed"), world, config["total_steps"], device)
+    val = ray.get(config["val"]) if config.get("val") is not None else None
 
+    def evaluate():
+        return evaluate_recall(engine.module.composer, val)
+
+    run_steps(engine, config, stage, run, rank, world, training_batch, evaluate,
+              lambda folder: export_composer(engine.module.composer, out_dir=folder))
+
+
+def run_steps(engine, config: dict, stage, run: RunSettings, rank: int, world: int, to_batch, evaluate,
+              export) -> None:
+    """Step `engine` through this worker's shard of the "train" dataset to
+    `config["total_steps"]`, resuming from the run's latest checkpoint: metrics every
+    `report_every` steps (plus `evaluate()`'s every `eval_every`), checkpoints every
+    `checkpoint_every`, and a last checkpoint holding `export(folder)`'s model."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
     start_step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = engine.load(Path(folder))
         start_step, history = state["step"], state.get("history", [])
-    val = ray.get(config["val"]) if config.get("val") is not None else None
+    evaluating = config.get("val") is not None
 
     shard = ray.train.get_dataset_shard("train")
     accum, micro = stage.optim.grad_accum, stage.optim.micro_batch_size
@@ -122,7 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break  # equal step counts on every rank, whatever the shard sizes
             if i < done_in_epoch * accum:
                 continue  # consumed before the checkpoint we resumed from
-            out = engine.train_micro_batch(training_batch(rows))
+            out = engine.train_micro_batch(to_batch(rows))
             losses.append(float(out["loss"].detach()))
             if (i + 1) % accum:
                 continue
@@ -137,12 +160,12 @@ def train_loop_per_worker(config: dict) -> None:
                            "samples_per_s": len(losses) * micro * world / max(seconds, 1e-9),
                            "peak_rss_mb": _peak_rss_mb()}
                 losses, t_window = [], time.perf_counter()
-            if val is not None and (step % run.eval_every == 0 or final):
-                metrics = {**(metrics or {"step": step}), **evaluate_recall(engine.module.composer, val)}
+            if evaluating and (step % run.eval_every == 0 or final):
+                metrics = {**(metrics or {"step": step}), **evaluate()}
             if metrics:
                 history.append(metrics)
             if final:
-                _report_final(engine, metrics, history, rank)
+                _report_final(engine, metrics, history, rank, export)
                 return
             if step % run.checkpoint_every == 0:
                 with tempfile.TemporaryDirectory() as tmp:
@@ -154,19 +177,17 @@ def train_loop_per_worker(config: dict) -> None:
                 break
 
 
-def _report_final(engine, metrics, history, rank) -> None:
+def _report_final(engine, metrics, history, rank, export) -> None:
     """The last checkpoint: training state (so a re-run is a no-op) + the export."""
     import ray.train
     from ray.train import Checkpoint
-
-    from cir.models.export import export_composer
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         engine.save(folder, {"step": metrics["step"], "history": history, "final": True}, rank)
         with _gathered(engine):
             if rank == 0:
-                export_composer(engine.module.composer, out_dir=folder / "export")
+                export(folder / "export")
                 (folder / "history.json").write_text(json.dumps(history, indent=2))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 

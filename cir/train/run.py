@@ -99,39 +99,52 @@ def _use_gpu(setting) -> bool:
 
 
 def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> Path:
-    """Train one stage (or resume it); returns its export folder."""
+    """Train one composer stage (or resume it); returns its export folder."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from cir.raycluster import dataset_from_table
     from cir.train.loop import train_loop_per_worker
 
-    run_dir = run_folder(cfg)
-    stage_dir = run_dir / stage.name
-    export = stage_dir / "export"
+    stage_dir = run_folder(cfg) / stage.name
     claim_stage(stage_dir, stage_settings(cfg, stage, init_from))
-    if (export / "config.json").is_file():
-        log(f"stage {stage.name}: already exported at {export}, skipping")
-        return export
+    if (stage_dir / "export" / "config.json").is_file():
+        log(f"stage {stage.name}: already exported at {stage_dir / 'export'}, skipping")
+        return stage_dir / "export"
     vision, features = cfg.model.vision, features_folder(cfg)
     examples = build_examples(stage.data, vision, features, cfg.embed)
-    steps_per_epoch, total = schedule(examples.num_rows, stage, cfg.run.num_workers)
-    log(f"stage {stage.name}: {examples.num_rows} examples ({stage.data.source}), "
-        f"{steps_per_epoch} steps/epoch, {total} steps on {cfg.run.num_workers} workers")
     val = None
     if cfg.run.eval_every and stage.data.benchmark == "shapes":
         val = ray.put(build_val(stage.data.benchmark_dir, vision, cfg.run.eval_split, cfg.run.eval_limit,
                                 features, cfg.embed))
+    from cir.raycluster import dataset_from_table
+
     n_blocks = max(cfg.run.num_workers * 4, examples.num_rows // 2048)
     dataset = dataset_from_table(examples, -(-examples.num_rows // n_blocks))
+    return fit_stage(cfg, stage, init_from, dataset, examples.num_rows, val, train_loop_per_worker,
+                     ("val_recall@1", "val_recall@10"))
+
+
+def fit_stage(cfg, stage, init_from: Path | None, dataset, n_examples: int, val, loop, curve_metrics=(),
+              extra: dict | None = None) -> Path:
+    """Run `loop` on Ray Train over `dataset` (its "train" dataset, `n_examples` rows)
+    and install the export of its last checkpoint, with `history.json` and `curve.png`
+    beside it. `cfg` has `model`, `run` and `deepspeed` sections; `extra` is added to
+    the loop's config."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = run_folder(cfg)
+    stage_dir = run_dir / stage.name
+    export = stage_dir / "export"
+    steps_per_epoch, total = schedule(n_examples, stage, cfg.run.num_workers)
+    log(f"stage {stage.name}: {n_examples} examples, "
+        f"{steps_per_epoch} steps/epoch, {total} steps on {cfg.run.num_workers} workers")
     use_gpu = _use_gpu(cfg.run.use_gpu)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={
             "stage": asdict(stage), "run": asdict(cfg.run), "deepspeed": asdict(cfg.deepspeed),
             "model": asdict(cfg.model), "init_from": str(init_from) if init_from else None,
-            "total_steps": total, "steps_per_epoch": steps_per_epoch, "val": val,
+            "total_steps": total, "steps_per_epoch": steps_per_epoch, "val": val, **(extra or {}),
         },
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker,
@@ -145,7 +158,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> P
         _install(Path(folder) / "export", export)
         history = json.loads((Path(folder) / "history.json").read_text())
     write_json_atomic(stage_dir / "history.json", history, sort_keys=False)
-    plot_curve(history, stage_dir / "curve.png", f"{cfg.run.name} / {stage.name}")
+    plot_curve(history, stage_dir / "curve.png", f"{cfg.run.name} / {stage.name}", curve_metrics)
     log(f"stage {stage.name}: exported to {export}")
     return export
 
@@ -179,25 +192,27 @@ def _install(src: Path, dst: Path) -> None:
         shutil.copytree(src, tmp)
 
 
-def plot_curve(history: list[dict], path: Path, title: str) -> None:
+def plot_curve(history: list[dict], path: Path, title: str, metrics=("val_recall@1", "val_recall@10")) -> None:
+    """Train loss, and the validation `metrics` (percent) on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    if pts:
-        ax.plot(*zip(*pts), color="tab:blue", label="train loss")
+    for key, colour, label in (("loss", "tab:blue", "train loss"), ("val_loss", "tab:cyan", "val loss")):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), color=colour, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    recall = [(h["step"], h["val_recall@1"], h["val_recall@10"]) for h in history if "val_recall@1" in h]
-    if recall:
+    shown = [m for m in metrics if any(m in h for h in history)]
+    if shown:
         ax2 = ax.twinx()
-        steps, r1, r10 = zip(*recall)
-        ax2.plot(steps, r1, color="tab:orange", marker="o", label="val R@1")
-        ax2.plot(steps, r10, color="tab:green", marker="o", label="val R@10")
-        ax2.set_ylabel("recall (%)")
+        for name, colour in zip(shown, ("tab:orange", "tab:green", "tab:red", "tab:purple")):
+            pts = [(h["step"], h[name]) for h in history if name in h]
+            ax2.plot(*zip(*pts), color=colour, marker="o", label=name.replace("val_", "val "))
+        ax2.set_ylabel("%")
         ax2.legend(loc="center right")
     ax.legend(loc="upper right")
     ax.set_title(title)
