@@ -225,4 +225,14 @@ def caption_is_exact(text: str, scene: Scene) -> bool:
         return False
 
 
-__all__ = ["caption_is_exact", "readings", "text_is_exact"]
+def is_exact(task: str, text: str, caption_a: str, caption_b: str | None = None) -> bool:
+    """A generated text checked against the images' exact captions: task "caption"
+    (the caption of image a) or "modification" (the text that turns a into b)."""
+    from cir.data.shapes import parse_caption
+
+    if task == "caption":
+        return caption_is_exact(text, parse_caption(caption_a))
+    return text_is_exact(text, parse_caption(caption_a), parse_caption(caption_b))
+
+
+__all__ = ["caption_is_exact", "is_exact", "readings", "text_is_exact"]

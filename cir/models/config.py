@@ -67,3 +67,59 @@ class ComposerConfig:
                 raise ValueError(f"{name} must hold {IMG} {n_img}x and {TEXT} {n_text}x: {t!r}")
         if self.lora_targets is not None:
             self.lora_targets = list(self.lora_targets)
+
+
+GENERATOR_TASKS = ("modification", "caption")
+BRIDGES = ("mlp", "qformer")
+
+
+@dataclass
+class GeneratorConfig:
+    """The MTST text generator: a frozen vision tower, a bridge from its tokens into the
+    LM's input space, and a causal LM that writes a modification text (two images) or
+    a caption (one)."""
+
+    vision: str = "cir-shapes"               # open_clip name; frozen
+    lm: str = "builtin:tiny-gpt"             # HF causal-LM id or folder, or builtin:tiny-gpt
+    lm_dtype: str = "float32"
+    lm_trainable: str = "full"               # full | lora | frozen (lora/frozen: a pretrained LM)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None
+    # builtin:tiny-gpt, trained from scratch: a Llama-style decoder of this size over a
+    # byte-level BPE vocabulary fitted to the training texts.
+    lm_hidden: int = 256
+    lm_layers: int = 4
+    lm_heads: int = 4
+    vocab_size: int = 1024
+    bridge: str = "mlp"                      # mlp: every patch token | qformer: learned queries
+    n_queries: int = 16                      # qformer: prefix tokens per image
+    bridge_layers: int = 2                   # qformer: cross-attention layers
+    # modification: also give the bridge target - reference, patch by patch (what changed)
+    difference_tokens: bool = True
+    max_text_tokens: int = 64
+    modification_prompt: str = "Describe how to change the first image into the second:"
+    caption_prompt: str = "Describe the image:"
+
+    def __post_init__(self):
+        if self.lm_trainable not in ("lora", "full", "frozen"):
+            raise ValueError(f"lm_trainable must be lora, full or frozen, got {self.lm_trainable!r}")
+        if self.bridge not in BRIDGES:
+            raise ValueError(f"bridge must be one of {', '.join(BRIDGES)}, got {self.bridge!r}")
+        if self.lm.startswith("builtin:") and self.lm_trainable != "full":
+            raise ValueError(f"{self.lm} is trained from scratch: lm_trainable must be full")
+        for name in ("n_queries", "bridge_layers", "max_text_tokens", "lm_layers", "lm_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lm_hidden % self.lm_heads:
+            raise ValueError(f"lm_hidden ({self.lm_hidden}) must be a multiple of lm_heads ({self.lm_heads})")
+        if self.vocab_size < 300:
+            raise ValueError(f"vocab_size must be >= 300 (256 bytes + merges + specials), got {self.vocab_size}")
+        if self.lora_targets is not None:
+            self.lora_targets = list(self.lora_targets)
+
+    def prompt(self, task: str) -> str:
+        if task not in GENERATOR_TASKS:
+            raise ValueError(f"unknown generator task {task!r}; expected one of {GENERATOR_TASKS}")
+        return self.modification_prompt if task == "modification" else self.caption_prompt

@@ -1,0 +1,132 @@
+"""The text generator's training examples and validation sets.
+
+Every example is one row: `a_image` / `a_path` (the reference, or the captioned image),
+`b_image` / `b_path` (the target; null for captions) and `text`. Images travel as
+encoded bytes or as paths that the training workers read, never as pixels.
+
+* modification: the annotated triplets of a benchmark split (shapes, CIRR, FashionIQ
+  through `cir.benchmarks`): (reference, target) -> text, and with `reverse` also
+  (target, reference) -> the reverse text where the annotation has one (shapes).
+* caption: a captioned Parquet corpus, read by Ray Data on the workers' side.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from cir.progress import log
+
+EXAMPLE_SCHEMA = pa.schema([("a_image", pa.binary()), ("a_path", pa.string()), ("b_image", pa.binary()),
+                            ("b_path", pa.string()), ("text", pa.string())])
+TOKENIZER_SAMPLE = 200_000   # texts the builtin LM's BPE is fitted on, at most
+
+
+def _image_ref(bench, image_id: str) -> tuple[bytes | None, str | None]:
+    if bench.image_source is not None:
+        return bench.image_bytes(image_id), None
+    return None, str(bench.image_path(image_id))
+
+
+def modification_examples(data) -> pa.Table:
+    """(reference, target, text) rows, and (target, reference, reverse text) ones."""
+    from cir.train.run import load_train_benchmarks
+
+    rows, missing, n = [], {}, 0
+    for bench in load_train_benchmarks(data.as_benchmark_data()):
+        queries = [q for q in bench.queries if q.target_ids][: data.limit or None]
+        for q in queries:
+            n += 1
+            try:
+                ref, tgt = _image_ref(bench, q.ref_id), _image_ref(bench, q.target_ids[0])
+            except FileNotFoundError as exc:
+                missing[q.query_id] = str(exc)
+                continue
+            rows.append((*ref, *tgt, q.text))
+            reverse = q.meta.get("reverse_text")
+            if data.reverse and reverse:
+                rows.append((*tgt, *ref, reverse))
+    if missing:
+        first = "; ".join(list(missing.values())[:3])
+        if not rows:
+            raise FileNotFoundError(f"no image of {n} queries could be found ({first}); check data.images")
+        log(f"WARNING: {len(missing)} of {n} queries left out, their images are missing (first: {first})")
+    if not rows:
+        raise ValueError(f"no annotated triplets with a target in {data.benchmark} {data.split}")
+    return pa.Table.from_pylist([dict(zip(EXAMPLE_SCHEMA.names, r)) for r in rows], schema=EXAMPLE_SCHEMA)
+
+
+def corpus_files(data, storage: str) -> list[str]:
+    """The Parquet files of a caption stage's corpus; "shapes" writes the shapes corpus
+    of `data.shapes` under `storage`/corpora/ on first use (atomically)."""
+    from pathlib import Path
+
+    from cir.data import corpus as corpus_io
+
+    if data.corpus != "shapes":
+        return corpus_io.parquet_corpus_files(data.corpus)
+    s = data.shapes
+    folder = Path(storage).resolve() / "corpora" / f"shapes-{s.n_images}-seed{s.seed}-{s.image_size}px-f{s.family_size}"
+    if not folder.is_dir():
+        from cir.data.shapes_corpus import write_corpus
+
+        log(f"corpus: writing {s.n_images} shapes images (seed {s.seed}) into {folder}")
+        write_corpus(folder, s.n_images, seed=s.seed, image_size=s.image_size, family_size=s.family_size)
+    return corpus_io.parquet_corpus_files(folder)
+
+
+def caption_examples(data, storage: str):
+    """(Ray Dataset of caption rows, number of rows) of a captioned Parquet corpus."""
+    import ray
+    from ray.data.expressions import col
+
+    from cir.data import corpus as corpus_io
+
+    files = corpus_files(data, storage)
+    schema = corpus_io.check_parquet_corpus(files, needs_captions=True)
+    captions = corpus_io.read_captions(files).column("caption")
+    n = len(captions) - captions.null_count
+    if data.limit:
+        n = min(n, data.limit)
+    columns = [c for c in ("image", "path") if c in schema.names] + ["caption"]
+    ds = ray.data.read_parquet(files).select_columns(columns).filter(expr=col("caption").is_not_null())
+    if data.limit:
+        ds = ds.limit(data.limit)
+    rename = {"image": "a_image", "path": "a_path", "caption": "text"}
+    # Read before training starts: the training workers hold the CPUs that read tasks
+    # would wait for (the blocks stay in the object store, spilling at scale).
+    return ds.rename_columns({c: rename[c] for c in columns}).materialize(), n
+
+
+def tokenizer_texts(stages, storage: str) -> list[str]:
+    """The texts of every stage (a stable sample), that the builtin LM's BPE is fitted on."""
+    from cir.data import corpus as corpus_io
+
+    texts: list[str] = []
+    for stage in stages:
+        if stage.task == "caption":
+            files = corpus_files(stage.data, storage)
+            caps = corpus_io.read_captions(files).column("caption").drop_null().to_pylist()
+            texts += caps[:TOKENIZER_SAMPLE]
+        else:
+            texts += modification_examples(stage.data).column("text").to_pylist()
+    return texts[:: max(1, len(texts) // TOKENIZER_SAMPLE)]
+
+
+def shapes_val(task: str, benchmark_dir: str, split: str, limit: int) -> dict:
+    """A shapes split for validation during training: encoded images, the reference
+    texts (for the validation loss) and the captions the exact checker needs."""
+    from cir.benchmarks import load_benchmark
+    from cir.benchmarks.shapes import shapes_benchmark_root
+
+    bench = load_benchmark("shapes", split, shapes_benchmark_root(benchmark_dir))
+    caption = {i: bench.meta["captions"][i] for i in bench.gallery_ids} if "captions" in bench.meta else None
+    if caption is None:
+        raise ValueError(f"{bench.name} {split}: the benchmark has no captions to check texts against")
+    if task == "caption":
+        ids = bench.gallery_ids[:limit]
+        return {"task": task, "a": [bench.image_bytes(i) for i in ids], "b": None,
+                "texts": [caption[i] for i in ids], "a_captions": [caption[i] for i in ids], "b_captions": None}
+    queries = bench.queries[:limit]
+    return {"task": task, "a": [bench.image_bytes(q.ref_id) for q in queries],
+            "b": [bench.image_bytes(q.target_ids[0]) for q in queries], "texts": [q.text for q in queries],
+            "a_captions": [caption[q.ref_id] for q in queries],
+            "b_captions": [caption[q.target_ids[0]] for q in queries]}

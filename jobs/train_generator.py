@@ -1,0 +1,54 @@
+"""Train the MTST text generator (a small vision-language model) on Ray Train: it
+writes the modification text of an image pair, or the caption of an image.
+
+    python jobs/train_generator.py --config configs/train/shapes_generator.yaml
+    ray job submit --working-dir . -- python jobs/train_generator.py --config configs/train/shapes_generator.yaml
+
+Stages run in order, each from the previous stage's export (e.g. `caption` on a
+captioned corpus, then `modification` on the benchmark's annotated triplets), with the
+composer job's DeepSpeed / DDP switch, checkpoints and resume (cir/train/generator_loop.py).
+The export is what the synth job's `mtst` backend and `captions` step load.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cir.config import load_config, parse_override  # noqa: E402
+from cir.train.generator_config import GeneratorTrainConfig  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from jobs.train import parse_args
+
+    args = parse_args(argv, __doc__, "configs/train/shapes_generator.yaml")
+    try:
+        overrides = [parse_override(o) for o in args.overrides]
+        if args.name:
+            overrides.append(("run.name", args.name))
+        if args.storage:
+            overrides.append(("run.storage", args.storage))
+        cfg = load_config(GeneratorTrainConfig, args.config, overrides)
+        cfg.validate()
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"train_generator: error: {exc}", file=sys.stderr)
+        return 2
+    from cir.raycluster import init_ray
+    from cir.train.generator_loop import run_generator_training
+    from cir.train.run import run_folder
+
+    t0 = time.perf_counter()
+    init_ray(args.address)
+    export = run_generator_training(cfg)
+    print(f"\ntrain_generator finished in {time.perf_counter() - t0:.1f}s; final model: {export}")
+    for stage in cfg.stages:
+        print(f"  {stage.name} ({stage.task}): {run_folder(cfg) / stage.name} (export/, history.json, curve.png)")
+    print(f"write triplets with it: python jobs/synth.py --set generate.backend=mtst --set generate.mtst.model={export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
