@@ -9,7 +9,8 @@ options dataclass, one section of the synth config's `generate` (`generate.hf`, 
 checked by `validate()` before any work starts, and `check_cluster()` once Ray is up.
 The LLM backends (`hf`, `http`, `vllm`, see `llm.py`) share `generate.options`: texts
 per pair, reverse texts, prompts and sampling. Backends are named here and imported
-only when chosen, so that heavy ones never load where unused.
+only when chosen, so that heavy ones never load where unused. `mtst` writes texts from
+the pair's images with a trained generator (`jobs/train_generator.py`) instead.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ BACKENDS = {
     "hf": "cir.generate.hf:HFBackend",
     "http": "cir.generate.http:HttpBackend",
     "vllm": "cir.generate.vllm:VLLMBackend",
+    "mtst": "cir.generate.mtst:MTSTBackend",
 }
 
 

@@ -22,6 +22,8 @@ class Backend(abc.ABC):
     name = ""
     source = ""               # the triplets' `source` column
     needs_captions = True     # the corpus must have a caption per image
+    needs_corpus = False      # reads the images (`corpus_files`, set by the synth job)
+    corpus_files: list[str] = []
 
     def __init__(self, options, batch_size: int, num_actors: int, task=None):
         # `task` (generate.options) is what the LLM backends are asked to write.

@@ -12,8 +12,8 @@ Each candidate triplet gets a `drop_reason`, the first that applies, or "" if ke
                     `min_direction_score`
 
 A reverse text that fails the text checks becomes null rather than dropping its row.
-The filter is on by default for LLM backends and off for `template` (whose texts are
-exact); when off, only empty texts are dropped and nothing is counted. The direction check needs a threshold
+The filter is on by default for the LLM and `mtst` backends and off for `template`
+(whose texts are exact); when off, only empty texts are dropped and nothing is counted. The direction check needs a threshold
 and an encoder with trained weights: a random text tower scores noise.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from cir.schemas import embedding_array, embedding_matrix
 
+GENERATED = ("llm", "mtst")  # sources whose texts the filter checks unless told otherwise
 REASONS = ("empty", "too_short", "too_long", "copies_caption", "duplicate", "direction")
 KEPT = ""
 _WORD = re.compile(r"[\w'-]+")
@@ -54,7 +55,7 @@ class FilterConfig:
             raise ValueError(f"filter.min_direction_score must be in [-1, 1], got {self.min_direction_score}")
 
     def active(self, source: str) -> bool:
-        return self.enabled if self.enabled is not None else source == "llm"
+        return self.enabled if self.enabled is not None else source in GENERATED
 
 
 def caption_similarity(text: str, caption: str) -> float:

@@ -7,6 +7,7 @@ from cir.embed import EmbedSettings
 from cir.generate.hf import HFOptions
 from cir.generate.http import HttpOptions
 from cir.generate.llm import TextTaskOptions
+from cir.generate.mtst import MTSTOptions
 from cir.generate.quality import FilterConfig
 from cir.generate.template import TemplateOptions
 from cir.generate.vllm import VLLMOptions
@@ -72,6 +73,7 @@ class GenerateConfig:
     hf: HFOptions = field(default_factory=HFOptions)
     http: HttpOptions = field(default_factory=HttpOptions)
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    mtst: MTSTOptions = field(default_factory=MTSTOptions)
 
     def backend_options(self):
         from cir.generate import BACKENDS

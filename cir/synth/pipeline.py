@@ -179,6 +179,9 @@ class SynthRun:
         if self._filter_active():
             fp["filter"] = asdict(self.cfg.filter)
 
+        if self.backend.needs_corpus:
+            self.backend.corpus_files = self.corpus_files
+
         def work(tmp: Path):
             pairs = with_captions(read_table(self.out.path("pairs")), corpus_io.read_captions(self.corpus_files))
             if pairs.num_rows == 0:

@@ -1,0 +1,166 @@
+"""The MTST text generator: its model and export, jobs/train_generator.py on Ray Train
+(caption then modification, resume), and the synth job's `mtst` backend."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cir.config import load_config
+from cir.models.config import GeneratorConfig
+from cir.outputs import read_table
+from cir.train.generator_config import GeneratorTrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_LM = {"lm_hidden": 64, "lm_layers": 2, "lm_heads": 2, "vocab_size": 400}
+
+
+def generator_config(tmp_path, bench: Path, **overrides) -> GeneratorTrainConfig:
+    pairs = [("model", {"vision": "cir-shapes", **SMALL_LM}),
+             ("run", {"name": "gen", "storage": str(tmp_path / "runs"), "num_workers": 2, "report_every": 5,
+                      "checkpoint_every": 10, "eval_every": 0}),
+             ("stages", [{"name": "caption", "task": "caption",
+                          "data": {"corpus": "shapes", "shapes": {"n_images": 200, "seed": 1}},
+                          "optim": {"lr": 1e-3, "warmup_steps": 2, "epochs": 1, "micro_batch_size": 16}},
+                         {"name": "modification", "task": "modification",
+                          "data": {"benchmark_dir": str(bench), "limit": 160},
+                          "optim": {"lr": 1e-3, "warmup_steps": 2, "epochs": 1, "micro_batch_size": 16}}])]
+    pairs += [(k.replace("__", "."), v) for k, v in overrides.items()]
+    cfg = load_config(GeneratorTrainConfig, None, pairs)
+    cfg.validate()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def generator_run(ray_session, small_benchmark, tmp_path_factory):
+    from cir.train.generator_loop import run_generator_training
+
+    tmp = tmp_path_factory.mktemp("generator")
+    cfg = generator_config(tmp, small_benchmark)
+    return run_generator_training(cfg), cfg
+
+
+def test_export_round_trips_without_pickle(generator_run, small_benchmark, monkeypatch):
+    import pickle
+
+    from cir.benchmarks import load_benchmark
+    from cir.models.generator import load_generator
+
+    export, _ = generator_run
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle.load called"))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("pickle.loads called"))
+    g = load_generator(export)
+    bench = load_benchmark("shapes", "val", small_benchmark)
+    ids = bench.gallery_ids[:4]
+    pixels = g.pixels([bench.image_bytes(i) for i in ids])
+    texts = g.generate("modification", [pixels, pixels.flip(0)], max_new_tokens=12)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    again = load_generator(export).generate("modification", [pixels, pixels.flip(0)], max_new_tokens=12)
+    assert texts == again  # greedy and reloaded bit for bit
+
+
+def test_stages_chain_and_resume(generator_run, tmp_path):
+    from cir.train.generator_loop import run_generator_training
+
+    export, cfg = generator_run
+    run_dir = Path(cfg.run.storage) / cfg.run.name
+    for stage in ("caption", "modification"):
+        assert (run_dir / stage / "export" / "model.safetensors").is_file()
+        assert (run_dir / stage / "curve.png").is_file()
+        history = (run_dir / stage / "history.json").read_text()
+        assert '"loss"' in history
+    before = (export / "model.safetensors").read_bytes()
+    assert run_generator_training(cfg) == export           # both stages done: nothing reruns
+    assert (export / "model.safetensors").read_bytes() == before
+    changed = generator_config(Path(cfg.run.storage).parent, Path(cfg.stages[1].data.benchmark_dir),
+                               model__bridge="qformer")
+    with pytest.raises(ValueError, match="other settings"):
+        run_generator_training(changed)
+
+
+@pytest.mark.parametrize("bridge", ["mlp", "qformer"])
+def test_bridges_and_the_loss_covers_text_only(bridge):
+    from cir.models.generator import Generator, train_tokenizer
+
+    tok = train_tokenizer(["make the red circle blue", "a small red circle at the top"] * 20, 300)
+    g = Generator(GeneratorConfig(bridge=bridge, n_queries=4, **SMALL_LM), tokenizer=tok)
+    pixels = torch.rand(3, 3, 64, 64)
+    out = g("modification", [pixels, pixels], ["make the red circle blue"] * 3)
+    assert out["tokens"] == 3 * (len(tok("make the red circle blue")["input_ids"]) + 1)  # + EOS
+    out["loss"].backward()
+    assert all(p.grad is None for p in g.visual.parameters())           # the tower is frozen
+    assert g.bridge.norm.weight.grad is not None
+    with pytest.raises(ValueError, match="takes 2 image"):
+        g("modification", [pixels], ["x"] * 3)
+
+
+def test_bad_configs_are_refused(tmp_path, small_benchmark):
+    with pytest.raises(ValueError, match="bridge"):
+        GeneratorConfig(bridge="transformer")
+    with pytest.raises(ValueError, match="from scratch"):
+        GeneratorConfig(lm_trainable="lora")
+    with pytest.raises(ValueError, match="corpus is required"):
+        generator_config(tmp_path, small_benchmark, stages=[{"name": "c", "task": "caption"}])
+    with pytest.raises(ValueError, match="task must be"):
+        generator_config(tmp_path, small_benchmark, stages=[{"name": "c", "task": "translate"}])
+
+
+# ------------------------------------------------------------------- the mtst backend
+
+def synth_config(output, export, **overrides):
+    from cir.synth.config import SynthConfig
+
+    pairs = [("output", str(output)), ("corpus.shapes.n_images", 120), ("encode.model", "cir-shapes"),
+             ("generate.backend", "mtst"), ("generate.batch_size", 32), ("generate.mtst.model", str(export)),
+             ("generate.mtst.max_new_tokens", 24), ("filter.min_words", 1), ("filter.max_words", 60),
+             ("filter.max_caption_similarity", 1.0)] + list(overrides.items())
+    return load_config(SynthConfig, REPO / "configs" / "local.yaml", [(k.replace("__", "."), v) for k, v in pairs])
+
+
+def test_mtst_backend_writes_texts_from_images_and_resumes(generator_run, tmp_path):
+    from cir.generate.mtst import GENERATOR_PREFIX
+    from cir.models.generator import load_generator
+    from cir.synth.pipeline import SynthRun
+
+    export, _ = generator_run
+    out = tmp_path / "synth"
+    summary = SynthRun(synth_config(out, export)).run()
+    triplets = read_table(out / "triplets").sort_by("triplet_id")
+    pairs = read_table(out / "pairs")
+    assert triplets.num_rows > 0 and triplets.num_rows == summary.stages["triplets"].extra["filter"]["kept"]
+    assert set(triplets.column("source").to_pylist()) == {"mtst"}
+    assert all(g.startswith(GENERATOR_PREFIX) for g in triplets.column("generator").to_pylist())
+    assert set(triplets.column("ref_id").to_pylist()) <= set(pairs.column("ref_id").to_pylist())
+    # The texts are the generator's own greedy answers for the pair's two images.
+    corpus = pq.read_table(out / "corpus").to_pylist()
+    image = {r["image_id"]: r["image"] for r in corpus}
+    g = load_generator(export)
+    row = triplets.slice(0, 1).to_pylist()[0]
+    a, b = g.pixels([image[row["ref_id"]]]), g.pixels([image[row["tgt_id"]]])
+    assert g.generate("modification", [a, b], 24) == [row["text"]]
+    if row["reverse_text"] is not None:
+        assert g.generate("modification", [b, a], 24) == [row["reverse_text"]]
+    # Resume: only the deleted stage runs again, and gives the same rows.
+    shutil.rmtree(out / "triplets")
+    again = SynthRun(synth_config(out, export)).run()
+    assert [n for n, r in again.stages.items() if not r.skipped] == ["triplets"]
+    assert read_table(out / "triplets").sort_by("triplet_id").equals(triplets)
+
+
+def test_mtst_needs_a_modification_export(generator_run, tmp_path):
+    from cir.synth.pipeline import SynthRun
+
+    export, cfg = generator_run
+    caption_export = Path(cfg.run.storage) / cfg.run.name / "caption" / "export"
+    with pytest.raises(ValueError, match="required"):
+        SynthRun(synth_config(tmp_path / "a", ""))
+    with pytest.raises(ValueError, match="'caption' task"):
+        SynthRun(synth_config(tmp_path / "b", caption_export))
+    with pytest.raises(FileNotFoundError, match="not an exported text generator"):
+        SynthRun(synth_config(tmp_path / "c", tmp_path))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
