@@ -280,3 +280,44 @@ def bench_index(n: int, d: int, memory_budget_mb: float = 0, queries: int = 1000
         f"~{result['estimated_memory_mb']:.0f} MiB ({result['serialized_mb']:.0f} serialised), built in "
         f"{build_s:.1f}s; recall@{k} {recall:.3f} at {result['speed_vs_flat']:.1f}x flat's query speed")
     return result
+
+
+def bench_mtst(export: str, synth_output: str, n_pairs: int, batch_size: int, baseline_pairs: int,
+               threads: int) -> dict:
+    """The `mtst` backend's batched actor (Ray Data; its model load included) against the
+    same generator writing one pair at a time in this process (model load excluded), on
+    the first `n_pairs` mined pairs of a synth output (forward and reverse texts). The
+    baseline writes the first `baseline_pairs`: its rate does not depend on how many."""
+    import pyarrow as pa
+    import torch
+
+    from cir.generate.mtst import MTSTBackend, MTSTGenerator, MTSTOptions
+    from cir.outputs import parquet_files, read_table
+    from cir.raycluster import dataset_from_table
+
+    out = Path(synth_output)
+    pairs = read_table(out / "pairs").slice(0, n_pairs)
+    pairs = pairs.append_column("ref_caption", pa.nulls(pairs.num_rows, pa.string())).append_column(
+        "tgt_caption", pa.nulls(pairs.num_rows, pa.string()))
+    corpus = [str(f) for f in parquet_files(out / "corpus")]
+    options = MTSTOptions(model=export, torch_threads=threads)
+    torch.set_num_threads(threads)
+    actor = MTSTGenerator(options, corpus, "bench")
+    rows = pairs.slice(0, baseline_pairs)
+    t0 = time.perf_counter()
+    for i in range(rows.num_rows):
+        actor(rows.slice(i, 1))
+    loop_s = time.perf_counter() - t0
+    del actor
+
+    backend = MTSTBackend(options, batch_size=batch_size, num_actors=1)
+    backend.corpus_files, backend.gpus = corpus, 0
+    t0 = time.perf_counter()
+    written = backend.apply(dataset_from_table(pairs, batch_size)).take_all()
+    ray_s = time.perf_counter() - t0
+    result = {"export": export, "pairs": pairs.num_rows, "batch_size": batch_size, "threads": threads,
+              "baseline_pairs": baseline_pairs, "loop_pairs_per_s": baseline_pairs / loop_s,
+              "ray_pairs_per_s": len(written) / ray_s, "ratio": (len(written) / ray_s) / (baseline_pairs / loop_s)}
+    log(f"mtst: one pair at a time {result['loop_pairs_per_s']:.2f} pairs/s; batched actor (batch {batch_size}) "
+        f"{result['ray_pairs_per_s']:.2f} pairs/s; ratio {result['ratio']:.2f}x")
+    return result

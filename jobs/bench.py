@@ -13,6 +13,9 @@ mine:   FAISS self-kNN time vs corpus size, and the approximate index's recall@k
 generate: rows/s and generated tokens/s of the `hf` backend's batched actor (Ray Data,
         left-padded batches) against the same model answering one prompt at a time in
         this process, on shapes caption pairs (default: SmolLM2, 200 pairs).
+mtst:   pairs/s of the `mtst` backend's batched actor (Ray Data, forward and reverse
+        texts) against the same generator writing one pair at a time in this process, on
+        a synth output's mined pairs (needs --mtst-model, a jobs/train_generator.py export).
 index:  the index the index job picks for --index-size clustered vectors within
         --memory-budget-mb (0: none): build time, estimated and serialised size,
         recall@10 against exact search and query speed against flat, on held-out queries.
@@ -39,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BENCHES = ("encode", "mine", "train", "generate", "direction", "index", "serve", "load")
+BENCHES = ("encode", "mine", "train", "generate", "mtst", "direction", "index", "serve", "load")
 
 
 def main(argv=None) -> int:
@@ -64,6 +67,10 @@ def main(argv=None) -> int:
     p.add_argument("--llm-batch-size", type=int, default=64)
     p.add_argument("--baseline-prompts", type=int, default=24,
                    help="generate: prompts the one-at-a-time baseline answers (its rate, not its total, counts)")
+    p.add_argument("--mtst-model", default="outputs/runs/shapes-generator/modification/export",
+                   help="mtst: the generator export")
+    p.add_argument("--mtst-pairs", type=int, default=500, help="mtst: mined pairs for the batched actor")
+    p.add_argument("--mtst-baseline-pairs", type=int, default=50, help="mtst: pairs written one at a time")
     p.add_argument("--index-size", type=int, default=1_000_000, help="index: gallery vectors")
     p.add_argument("--memory-budget-mb", type=float, default=0,
                    help="index: MiB the shard's index may take (0: no limit; a tight one picks IVF-PQ)")
@@ -71,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--serve-requests", type=int, default=200, help="serve: requests at concurrency 1 (x4 at 8)")
     p.add_argument("--serve-encoder", default="cir-shapes", help="serve/load: the open_clip tower of baseline:sum")
     p.add_argument("--load-seconds", type=float, default=60, help="load: seconds of load")
-    p.add_argument("--synth-output", default="outputs/synth-local", help="direction: a synth output folder")
+    p.add_argument("--synth-output", default="outputs/synth-local", help="direction, mtst: a synth output folder")
     p.add_argument("--output", default="outputs/bench")
     args = p.parse_args(argv)
     args.what = args.what or list(BENCHES)
@@ -101,6 +108,13 @@ def main(argv=None) -> int:
         init_ray()
         results["generate"] = bench_generate(args.llm, args.pairs, args.llm_batch_size, args.baseline_prompts,
                                              args.threads)
+    if "mtst" in args.what:
+        from cir.bench import bench_mtst
+        from cir.raycluster import init_ray
+
+        init_ray()
+        results["mtst"] = bench_mtst(args.mtst_model, args.synth_output, args.mtst_pairs, args.llm_batch_size,
+                                     args.mtst_baseline_pairs, args.threads)
     if "index" in args.what:
         from cir.bench import bench_index
 
