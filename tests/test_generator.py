@@ -164,3 +164,68 @@ def test_mtst_needs_a_modification_export(generator_run, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+
+
+# ----------------------------------------------------------------- the captions step
+
+@pytest.fixture(scope="module")
+def half_captioned_corpus(tmp_path_factory):
+    """A shapes corpus (Parquet) whose odd rows have lost their captions."""
+    import pyarrow as pa
+
+    from cir.data.shapes_corpus import write_corpus
+
+    folder = write_corpus(tmp_path_factory.mktemp("corpus") / "shapes", 80, seed=5)
+    table = pq.read_table(folder)
+    caps = [c if i % 2 == 0 else None for i, c in enumerate(table.column("caption").to_pylist())]
+    table = table.set_column(table.column_names.index("caption"), "caption", pa.array(caps, pa.string()))
+    out = folder.parent / "half.parquet"
+    pq.write_table(table, out)
+    return out, table
+
+
+def test_captions_step_fills_missing_captions_and_resumes(generator_run, half_captioned_corpus, tmp_path):
+    from cir.generate.quality import KEPT, FilterConfig, text_reason
+    from cir.models.generator import load_generator
+    from cir.synth.pipeline import SynthRun
+
+    _, cfg = generator_run
+    captioner = Path(cfg.run.storage) / cfg.run.name / "caption" / "export"
+    corpus, source = half_captioned_corpus
+    out = tmp_path / "synth"
+    settings = {"corpus.source": str(corpus), "generate.backend": "template", "captions.captioner": "generator",
+                "captions.model": str(captioner), "captions.max_new_tokens": 40}
+    summary = SynthRun(synth_config(out, "", **settings)).run()
+    assert summary.stages["captions"].extra["missing_before"] == 40
+    written = {r["image_id"]: r for r in pq.read_table(out / "captions").to_pylist()}
+    g = load_generator(captioner)
+    for row in source.to_pylist():
+        if row["caption"] is not None:
+            assert written[row["image_id"]]["caption"] == row["caption"]     # kept as it was
+    missing = [r for r in source.to_pylist() if r["caption"] is None][:6]
+    expected = g.generate("caption", [g.pixels([r["image"] for r in missing])], 40)
+    kept = [t if text_reason(t, "", "", FilterConfig(min_words=1, max_words=60)) == KEPT else None for t in expected]
+    assert [written[r["image_id"]]["caption"] for r in missing] == kept  # the captioner's, through the filter
+    assert summary.stages["captions"].extra["missing_after"] < 40
+    # Resume: a finished captions stage is reused.
+    shutil.rmtree(out / "triplets")
+    again = SynthRun(synth_config(out, "", **settings)).run()
+    assert [n for n, r in again.stages.items() if not r.skipped] == ["triplets"]
+
+
+def test_captioner_checks(generator_run, half_captioned_corpus, ray_session, tmp_path):
+    from cir.synth.pipeline import SynthRun
+
+    export, _ = generator_run
+    corpus, _ = half_captioned_corpus
+    with pytest.raises(ValueError, match="'modification' task, not 'caption'"):
+        SynthRun(synth_config(tmp_path / "a", "", **{"generate.backend": "template", "captions.captioner": "generator",
+                                                     "captions.model": str(export)}))
+    with pytest.raises(ValueError, match="captions.model is required"):
+        SynthRun(synth_config(tmp_path / "b", "", **{"generate.backend": "template", "captions.captioner": "hf"}))
+    run = SynthRun(synth_config(tmp_path / "c", "", **{
+        "corpus.source": str(corpus), "generate.backend": "template", "captions.captioner": "vllm",
+        "captions.vllm.model_source": "Qwen/Qwen2.5-VL-3B-Instruct"}))
+    with pytest.raises(ValueError, match="GPUs"):
+        run.run()                                   # refused before anything is written
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())

@@ -56,7 +56,7 @@ def pick_dtype(setting: str, device: str) -> str | None:
 class TextGeneratorActor:
     """What the mtst and captions actors share: the export loaded once, images by id."""
 
-    def __init__(self, model: str, corpus_files: list[str], dtype: str = "auto", threads: int = 0):
+    def __init__(self, model: str, corpus_files: list[str] | None, dtype: str = "auto", threads: int = 0):
         import torch
 
         from cir.data.lookup import KeyedParquet
@@ -67,7 +67,7 @@ class TextGeneratorActor:
             torch.set_num_threads(threads)
         self.device = pick_device(None)
         self.generator = load_generator(model, self.device, pick_dtype(dtype, self.device))
-        self.corpus = KeyedParquet(corpus_files, "image_id")
+        self.corpus = KeyedParquet(corpus_files, "image_id") if corpus_files else None
 
     def images(self, ids) -> list:
         from cir.embed import read_image

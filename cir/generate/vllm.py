@@ -105,7 +105,9 @@ class VLLMBackend(LLMBackend):
         kw = self.options.engine_kwargs
         return int(kw.get("tensor_parallel_size", 1)) * int(kw.get("pipeline_parallel_size", 1))
 
-    def processor_config(self):
+    def processor_config(self, **stages):
+        """Ray's processor config; `stages`: more stage settings (e.g. the captions
+        step's `prepare_multimodal_stage`)."""
         from ray.data.llm import vLLMEngineProcessorConfig
 
         o = self.options
@@ -115,7 +117,7 @@ class VLLMBackend(LLMBackend):
             batch_size=self.batch_size, concurrency=self.num_actors,
             accelerator_type=o.accelerator_type, runtime_env=o.runtime_env,
             max_concurrent_batches=o.max_concurrent_batches,
-            chat_template_stage=True, tokenize_stage=True, detokenize_stage=True)
+            chat_template_stage=True, tokenize_stage=True, detokenize_stage=True, **stages)
 
     def sampling(self, task: ChatTask) -> dict:
         t = self.task

@@ -11,6 +11,7 @@ from cir.generate.mtst import MTSTOptions
 from cir.generate.quality import FilterConfig
 from cir.generate.template import TemplateOptions
 from cir.generate.vllm import VLLMOptions
+from cir.synth.captions import CaptionsConfig
 from cir.mining import MiningConfig
 
 
@@ -87,6 +88,8 @@ class GenerateConfig:
 class SynthConfig:
     output: str = "outputs/synth-local"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    # Fill missing captions before anything reads them (cir.synth.captions); off by default.
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -109,4 +112,5 @@ class SynthConfig:
         if self.generate.max_pairs < 0:
             raise ValueError(f"generate.max_pairs must be >= 0 (0: all pairs), got {self.generate.max_pairs}")
         self.filter.validate()
+        self.captions.validate()
         build_backend(self.generate).validate()

@@ -20,7 +20,7 @@ from cir.outputs import OutputDir, parquet_files, read_table, write_table
 from cir.progress import log
 from cir.synth.config import SynthConfig
 
-STAGES = ("corpus", "embeddings", "pairs", "triplets")
+STAGES = ("corpus", "captions", "embeddings", "pairs", "triplets")   # captions: only when asked
 
 
 @dataclass
@@ -63,13 +63,18 @@ class SynthRun:
         # Fail on bad input before any output exists.
         if corpus_kind == "parquet":
             self.corpus_files = corpus_io.parquet_corpus_files(cfg.corpus.source)
-            corpus_io.check_parquet_corpus(self.corpus_files, self.backend.needs_captions)
+            corpus_io.check_parquet_corpus(self.corpus_files, self._captions_needed())
         elif corpus_kind == "folder":
             self.folder_corpus = corpus_io.scan_image_folder(cfg.corpus.source)
             self._check_folder_captions()
 
+    def _captions_needed(self) -> bool:
+        """The corpus must bring its captions: the backend reads them and no captions
+        step writes them."""
+        return self.backend.needs_captions and not self.cfg.captions.active
+
     def _check_folder_captions(self) -> None:
-        if not self.backend.needs_captions:
+        if not self._captions_needed():
             return
         folder = Path(self.cfg.corpus.source)
         if corpus_io.read_captions_file(folder) is None:
@@ -82,8 +87,14 @@ class SynthRun:
     # -- stages ---------------------------------------------------------------
     def run(self) -> SynthSummary:
         self.backend.check_cluster()       # e.g. vLLM on a cluster without GPUs: refuse now
+        if self.cfg.captions.captioner == "vllm":
+            from cir.synth.captions import vllm_backend
+
+            vllm_backend(self.cfg.captions).check_cluster()
         self.out.clean_stale()
         results = {"corpus": self.stage_corpus()}
+        if self.cfg.captions.active:
+            results["captions"] = self.stage_captions()
         results["embeddings"] = self.stage_embeddings()
         results["pairs"] = self.stage_pairs()
         results["triplets"] = self.stage_triplets()
@@ -125,6 +136,29 @@ class SynthRun:
 
         result = self._run_stage("corpus", fp, work)
         self.corpus_files = [str(f) for f in parquet_files(self.out.path("corpus"))]
+        return result
+
+    def stage_captions(self) -> StageResult:
+        """The corpus with its missing captions written (`cir.synth.captions`); the later
+        stages read this table instead of the source corpus."""
+        c = self.cfg.captions
+        fp = {**c.fingerprint(), "filter": {"min_words": self.cfg.filter.min_words,
+                                            "max_words": self.cfg.filter.max_words},
+              "corpus": self.fingerprints["corpus"]}
+
+        def work(tmp: Path):
+            import ray
+
+            from cir.synth.captions import caption_dataset
+
+            before = corpus_io.read_captions(self.corpus_files).column("caption").null_count
+            caption_dataset(ray.data.read_parquet(self.corpus_files), c, self.cfg.filter).write_parquet(
+                str(tmp), min_rows_per_file=min(self.cfg.rows_per_file, 10_000))
+            after = corpus_io.read_captions([str(f) for f in parquet_files(tmp)]).column("caption").null_count
+            return {"missing_before": before, "missing_after": after, "captioner": c.captioner}
+
+        result = self._run_stage("captions", fp, work)
+        self.corpus_files = [str(f) for f in parquet_files(self.out.path("captions"))]
         return result
 
     def stage_embeddings(self) -> StageResult:
@@ -173,6 +207,8 @@ class SynthRun:
     def stage_triplets(self) -> StageResult:
         g = self.cfg.generate
         fp = {**self.backend.fingerprint(), "pairs": self.fingerprints["pairs"]}
+        if "captions" in self.fingerprints:
+            fp["captions"] = self.fingerprints["captions"]
         # Keys only where set, so that triplets made before these settings existed resume.
         if g.max_pairs:
             fp["max_pairs"] = g.max_pairs
