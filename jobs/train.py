@@ -32,16 +32,22 @@ def parse_args(argv=None, doc: str = __doc__, example: str = "configs/train/shap
     return p.parse_args(argv)
 
 
+def config_from_args(cls, args):
+    """The job's validated config: the YAML file, then --set, --name and --storage."""
+    overrides = [parse_override(o) for o in args.overrides]
+    if args.name:
+        overrides.append(("run.name", args.name))
+    if args.storage:
+        overrides.append(("run.storage", args.storage))
+    cfg = load_config(cls, args.config, overrides)
+    cfg.validate()
+    return cfg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        overrides = [parse_override(o) for o in args.overrides]
-        if args.name:
-            overrides.append(("run.name", args.name))
-        if args.storage:
-            overrides.append(("run.storage", args.storage))
-        cfg = load_config(TrainConfig, args.config, overrides)
-        cfg.validate()
+        cfg = config_from_args(TrainConfig, args)
         from cir.train.run import check_run_settings
 
         check_run_settings(cfg)

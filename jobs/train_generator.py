@@ -17,22 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cir.config import load_config, parse_override  # noqa: E402
 from cir.train.generator_config import GeneratorTrainConfig  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from jobs.train import parse_args
+    from jobs.train import config_from_args, parse_args
 
     args = parse_args(argv, __doc__, "configs/train/shapes_generator.yaml")
     try:
-        overrides = [parse_override(o) for o in args.overrides]
-        if args.name:
-            overrides.append(("run.name", args.name))
-        if args.storage:
-            overrides.append(("run.storage", args.storage))
-        cfg = load_config(GeneratorTrainConfig, args.config, overrides)
-        cfg.validate()
+        cfg = config_from_args(GeneratorTrainConfig, args)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"train_generator: error: {exc}", file=sys.stderr)
         return 2

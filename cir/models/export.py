@@ -74,6 +74,15 @@ def _jsonable(x):
     return x
 
 
+def preprocess_from_json(cfg: dict) -> dict:
+    """An exported preprocessing config as open_clip takes it (JSON lists back to tuples)."""
+    pre = dict(cfg)
+    for k in ("size", "mean", "std"):
+        if isinstance(pre.get(k), list):
+            pre[k] = tuple(pre[k])
+    return pre
+
+
 def read_export_config(out_dir: str | Path) -> dict:
     path = Path(out_dir) / CONFIG_FILE
     if not path.is_file():
@@ -103,10 +112,7 @@ def load_composer(out_dir: str | Path, device: str = "cpu"):
     out = Path(out_dir)
     meta = read_export_config(out)
     cfg = from_dict(ComposerConfig, meta["composer"], f"{out / CONFIG_FILE}: composer")
-    pre = dict(meta["preprocess_cfg"])
-    for k in ("size", "mean", "std"):
-        if isinstance(pre.get(k), list):
-            pre[k] = tuple(pre[k])
+    pre = preprocess_from_json(meta["preprocess_cfg"])
     with torch.random.fork_rng(devices=[]):
         model = Composer(cfg, llm_folder=out / meta.get("llm_folder", LLM_DIR), preprocess_cfg=pre,
                          load_pretrained=False)

@@ -303,14 +303,12 @@ def load_generator(out_dir, device: str = "cpu", dtype: str | None = None) -> Ge
     from safetensors.torch import load_model
 
     from cir.config import from_dict
+    from cir.models.export import preprocess_from_json
 
     out = Path(out_dir)
     meta = read_generator_config(out)
     cfg = from_dict(GeneratorConfig, meta["generator"], f"{out / 'config.json'}: generator")
-    pre = dict(meta["preprocess_cfg"])
-    for k in ("size", "mean", "std"):
-        if isinstance(pre.get(k), list):
-            pre[k] = tuple(pre[k])
+    pre = preprocess_from_json(meta["preprocess_cfg"])
     with torch.random.fork_rng(devices=[]):
         model = Generator(cfg, lm_folder=out / meta["lm_folder"], preprocess_cfg=pre, load_pretrained=False)
     load_model(model, str(out / meta["weights"]), strict=True)

@@ -130,13 +130,18 @@ class TrainConfig:
                 raise ValueError(f"{where}.optim.micro_batch_size must be >= 2 (in-batch negatives)")
             if o.lr <= 0 or o.epochs < 1 or o.grad_accum < 1:
                 raise ValueError(f"{where}.optim: lr > 0, epochs >= 1 and grad_accum >= 1 are required")
-        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
-        if self.deepspeed.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"deepspeed.precision must be fp32, bf16 or fp16, got {self.deepspeed.precision!r}")
-        if self.run.num_workers < 1:
-            raise ValueError("run.num_workers must be >= 1")
-        if self.run.name in ("", FEATURES_DIR) or "/" in self.run.name:
-            raise ValueError(f"run.name {self.run.name!r}: a run needs a folder name of its own "
-                             f"(not empty, no '/', not {FEATURES_DIR!r}, the feature cache)")
+        validate_run(self.run, self.deepspeed)
         self.embed.validate("embed")
+
+
+def validate_run(run: RunSettings, deepspeed: DeepSpeedConfig) -> None:
+    """The checks of a training job's `run` and `deepspeed` sections (both jobs)."""
+    if deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage must be 0-3, got {deepspeed.zero_stage}")
+    if deepspeed.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"deepspeed.precision must be fp32, bf16 or fp16, got {deepspeed.precision!r}")
+    if run.num_workers < 1:
+        raise ValueError("run.num_workers must be >= 1")
+    if run.name in ("", FEATURES_DIR) or "/" in run.name:
+        raise ValueError(f"run.name {run.name!r}: a run needs a folder name of its own "
+                         f"(not empty, no '/', not {FEATURES_DIR!r}, the feature cache)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from cir.benchmarks.shapes import DEFAULT_ROOT as SHAPES_DEFAULT_ROOT
 from cir.models.config import GENERATOR_TASKS, GeneratorConfig
 from cir.synth.config import ShapesCorpusConfig
-from cir.train.config import BENCHMARKS, FEATURES_DIR, DataConfig, DeepSpeedConfig, OptimConfig, RunSettings
+from cir.train.config import BENCHMARKS, DataConfig, DeepSpeedConfig, OptimConfig, RunSettings, validate_run
 
 
 @dataclass
@@ -77,9 +77,4 @@ class GeneratorTrainConfig:
             o = stage.optim
             if o.lr <= 0 or o.epochs < 1 or o.grad_accum < 1 or o.micro_batch_size < 1:
                 raise ValueError(f"{where}.optim: lr > 0, epochs >= 1, grad_accum >= 1 and micro_batch_size >= 1")
-        if self.run.num_workers < 1:
-            raise ValueError("run.num_workers must be >= 1")
-        if self.run.name in ("", FEATURES_DIR) or "/" in self.run.name:
-            raise ValueError(f"run.name {self.run.name!r}: a run needs a folder name of its own")
-        if self.deepspeed.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"deepspeed.precision must be fp32, bf16 or fp16, got {self.deepspeed.precision!r}")
+        validate_run(self.run, self.deepspeed)

@@ -96,6 +96,19 @@ def caption_examples(data, storage: str):
     return ds.rename_columns({c: rename[c] for c in columns}).materialize(), n
 
 
+def modification_texts(data) -> list[str]:
+    """The texts a modification stage trains on (no image is read)."""
+    from cir.train.run import load_train_benchmarks
+
+    texts = []
+    for bench in load_train_benchmarks(data.as_benchmark_data()):
+        for q in [q for q in bench.queries if q.target_ids][: data.limit or None]:
+            texts.append(q.text)
+            if data.reverse and q.meta.get("reverse_text"):
+                texts.append(q.meta["reverse_text"])
+    return texts
+
+
 def tokenizer_texts(stages, storage: str) -> list[str]:
     """The texts of every stage (a stable sample), that the builtin LM's BPE is fitted on."""
     from cir.data import corpus as corpus_io
@@ -107,7 +120,7 @@ def tokenizer_texts(stages, storage: str) -> list[str]:
             caps = corpus_io.read_captions(files).column("caption").drop_null().to_pylist()
             texts += caps[:TOKENIZER_SAMPLE]
         else:
-            texts += modification_examples(stage.data).column("text").to_pylist()
+            texts += modification_texts(stage.data)
     return texts[:: max(1, len(texts) // TOKENIZER_SAMPLE)]
 
 
