@@ -165,6 +165,56 @@ def test_mtst_needs_a_modification_export(generator_run, tmp_path):
 
 
 
+# ------------------------------------------------------- pretraining on synth triplets
+
+@pytest.fixture(scope="module")
+def template_synth(ray_session, tmp_path_factory):
+    """A synth output of caption-based `template` texts over 120 shapes images."""
+    from cir.synth.pipeline import SynthRun
+
+    out = tmp_path_factory.mktemp("template-synth") / "synth"
+    SynthRun(synth_config(out, "", **{"generate.backend": "template"})).run()
+    return out
+
+
+def test_synth_triplets_become_examples_with_their_images(template_synth):
+    from cir.train.generator_config import GeneratorDataConfig
+    from cir.train.generator_data import modification_texts, synth_examples
+
+    triplets = read_table(template_synth / "triplets")
+    image = {r["image_id"]: r["image"] for r in pq.read_table(template_synth / "corpus").to_pylist()}
+    data = GeneratorDataConfig(synth_dir=str(template_synth))
+    ds, n = synth_examples(data, workers=2)
+    rows = ds.take_all()
+    with_reverse = sum(t is not None for t in triplets.column("reverse_text").to_pylist())
+    assert n == len(rows) == triplets.num_rows + with_reverse
+    by_text = {r["text"]: r for r in rows}
+    for t in triplets.slice(0, 10).to_pylist():
+        forward = by_text[t["text"]]
+        assert (forward["a_image"], forward["b_image"]) == (image[t["ref_id"]], image[t["tgt_id"]])
+        if t["reverse_text"]:
+            back = by_text[t["reverse_text"]]
+            assert (back["a_image"], back["b_image"]) == (image[t["tgt_id"]], image[t["ref_id"]])
+    assert sorted(modification_texts(data)) == sorted(r["text"] for r in rows)
+    ds, n = synth_examples(GeneratorDataConfig(synth_dir=str(template_synth), reverse=False, limit=7), workers=1)
+    assert n == ds.count() == 7
+    with pytest.raises(FileNotFoundError, match="not a finished synth table"):
+        synth_examples(GeneratorDataConfig(synth_dir=str(template_synth.parent)), workers=1)
+
+
+def test_a_stage_pretrains_on_synth_triplets(template_synth, small_benchmark, tmp_path):
+    import json
+
+    from cir.train.generator_loop import run_generator_training
+
+    cfg = generator_config(tmp_path, small_benchmark, stages=[
+        {"name": "pairs", "task": "modification", "data": {"synth_dir": str(template_synth), "limit": 48},
+         "optim": {"lr": 1e-3, "warmup_steps": 2, "epochs": 1, "micro_batch_size": 16}}])
+    export = run_generator_training(cfg)
+    assert (export / "model.safetensors").is_file()
+    assert json.loads((export / "config.json").read_text())["extra"]["task"] == "modification"
+
+
 
 # ----------------------------------------------------------------- the captions step
 
@@ -229,3 +279,39 @@ def test_captioner_checks(generator_run, half_captioned_corpus, ray_session, tmp
     with pytest.raises(ValueError, match="GPUs"):
         run.run()                                   # refused before anything is written
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+# ------------------------------------------------------------------------- scoring
+
+def test_score_job_scores_generator_template_and_trivial(generator_run, template_synth, small_benchmark, tmp_path):
+    import json
+
+    from jobs.score_generator import main
+
+    export, cfg = generator_run
+    captioner = Path(cfg.run.storage) / cfg.run.name / "caption" / "export"
+    out = tmp_path / "scores.json"
+    assert main(["--pairs", str(template_synth), "--n", "24", "--generator", str(export), "--captioner",
+                 str(captioner), "--benchmark-dir", str(small_benchmark), "--output", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    mod = scores["modification"]
+    assert scores["n_pairs"] == 24 and set(mod) == {"generator (gen)", "template backend", "most common train text"}
+    # Caption-based template texts are exact by construction: the checker's upper bound.
+    assert mod["template backend"]["forward"]["all"] == mod["template backend"]["reverse"]["all"] == 100.0
+    assert sum(mod["template backend"]["forward"]["n"].values()) == 24
+    assert mod["most common train text"]["forward"]["all"] < 50.0
+    assert 0.0 <= mod["generator (gen)"]["forward"]["all"] <= 100.0
+    assert scores["caption"]["n"] == 24 and 0.0 <= scores["caption"]["captioner"] <= 100.0
+    assert main(["--pairs", str(template_synth)]) == 2                  # nothing to score
+    assert main(["--pairs", str(tmp_path), "--generator", str(export)]) == 2   # not a synth output
+
+
+def test_exact_shares_by_edit_count():
+    from cir.generate.score import exact_share, most_common
+
+    s = exact_share([True, False, True, True], ["1", "1", "2", "4+"])
+    assert (s["all"], s["1"], s["2"], s["3"], s["4+"]) == (75.0, 50.0, 100.0, None, 100.0)
+    assert s["n"] == {"1": 2, "2": 1, "3": 0, "4+": 1}
+    assert most_common(["a", None, "b", "b"]) == "b"
+    with pytest.raises(ValueError):
+        most_common([None])

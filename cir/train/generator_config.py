@@ -21,6 +21,10 @@ class GeneratorDataConfig:
     category: str = "all"
     split: str = "train"
     reverse: bool = True                       # also (target, reference) -> the reverse text, where known
+    # modification, instead of a benchmark: the triplets of a synth job's output folder
+    # (e.g. caption-based `template` texts, to pretrain on before the annotated split);
+    # images from its corpus table, or from `corpus` below when that is set
+    synth_dir: str | None = None
     # caption: a captioned Parquet corpus (a file or folder, e.g. a synth job's corpus/),
     # or "shapes": the shapes corpus below, written once under run.storage/corpora/
     corpus: str | None = None
@@ -34,6 +38,8 @@ class GeneratorDataConfig:
                 raise ValueError(f"{where}.data.corpus is required for task 'caption': a Parquet corpus with "
                                  "captions (e.g. outputs/synth-pretrain/corpus, or one written by "
                                  "python -m cir.data.shapes_corpus corpus OUT --n 50000)")
+            return
+        if self.synth_dir:
             return
         if self.benchmark not in BENCHMARKS:
             raise ValueError(f"{where}.data.benchmark must be one of {', '.join(BENCHMARKS)}, got {self.benchmark!r}")

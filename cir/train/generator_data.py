@@ -7,6 +7,8 @@ encoded bytes or as paths that the training workers read, never as pixels.
 * modification: the annotated triplets of a benchmark split (shapes, CIRR, FashionIQ
   through `cir.benchmarks`): (reference, target) -> text, and with `reverse` also
   (target, reference) -> the reverse text where the annotation has one (shapes).
+  Or the triplets of a synth job's output folder (`synth_dir`): the images are read
+  by id from its corpus in a Ray Data actor pool, never on the driver.
 * caption: a captioned Parquet corpus, read by Ray Data on the workers' side.
 """
 from __future__ import annotations
@@ -52,6 +54,77 @@ def modification_examples(data) -> pa.Table:
     if not rows:
         raise ValueError(f"no annotated triplets with a target in {data.benchmark} {data.split}")
     return pa.Table.from_pylist([dict(zip(EXAMPLE_SCHEMA.names, r)) for r in rows], schema=EXAMPLE_SCHEMA)
+
+
+def synth_corpus_files(root, corpus: str | None = None) -> list[str]:
+    """The corpus files of a synth output folder: the table its later stages read
+    (captions/, else corpus/), or `corpus` when set (a run whose corpus was a Parquet
+    source has no copy of its own)."""
+    from pathlib import Path
+
+    from cir.data import corpus as corpus_io
+    from cir.outputs import SUCCESS, parquet_files
+
+    if corpus:
+        return corpus_io.parquet_corpus_files(corpus)
+    found = [Path(root) / s for s in ("captions", "corpus") if (Path(root) / s / SUCCESS).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{root} has no corpus table of its own (its corpus was a Parquet source): "
+                                "name that source as the corpus")
+    return [str(f) for f in parquet_files(found[0])]
+
+
+def synth_tables(data) -> tuple[list[str], list[str]]:
+    """(triplet files, corpus files) of the synth output folder `data.synth_dir`."""
+    from pathlib import Path
+
+    from cir.outputs import SUCCESS, parquet_files
+
+    root = Path(data.synth_dir)
+    if not (root / "triplets" / SUCCESS).is_file():
+        raise FileNotFoundError(f"{root / 'triplets'} is not a finished synth table; run jobs/synth.py first")
+    return [str(f) for f in parquet_files(root / "triplets")], synth_corpus_files(root, data.corpus)
+
+
+class PairImages:
+    """`map_batches` callable: triplet rows (ids, texts) -> example rows with the two
+    images' bytes or paths, read by id from the corpus; the reverse texts as rows of
+    their own."""
+
+    def __init__(self, corpus_files: list[str], reverse: bool):
+        from cir.data.lookup import KeyedParquet
+
+        self.corpus, self.reverse = KeyedParquet(corpus_files, "image_id"), reverse
+
+    def _image(self, image_id: str) -> tuple:
+        return self.corpus.value(image_id, "image"), self.corpus.value(image_id, "path")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for ref_id, tgt_id, text, reverse in zip(*(batch.column(c).to_pylist() for c in
+                                                   ("ref_id", "tgt_id", "text", "reverse_text"))):
+            ref, tgt = self._image(ref_id), self._image(tgt_id)
+            rows.append((*ref, *tgt, text))
+            if self.reverse and reverse:
+                rows.append((*tgt, *ref, reverse))
+        return pa.Table.from_pylist([dict(zip(EXAMPLE_SCHEMA.names, r)) for r in rows], schema=EXAMPLE_SCHEMA)
+
+
+def synth_examples(data, workers: int):
+    """(Ray Dataset of example rows, number of rows) of a synth output's triplets."""
+    import pyarrow.parquet as pq
+    import ray
+
+    triplets, corpus = synth_tables(data)
+    reverse = pa.concat_tables([pq.read_table(f, columns=["reverse_text"]) for f in triplets]).column(0)
+    reverse = reverse.slice(0, data.limit) if data.limit else reverse
+    n = len(reverse) + ((len(reverse) - reverse.null_count) if data.reverse else 0)
+    ds = ray.data.read_parquet(triplets).select_columns(["ref_id", "tgt_id", "text", "reverse_text"])
+    ds = ds.limit(data.limit) if data.limit else ds
+    ds = ds.map_batches(PairImages, fn_constructor_args=(corpus, data.reverse), batch_format="pyarrow",
+                        batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)))
+    # Read before training starts, as caption_examples does.
+    return ds.materialize(), n
 
 
 def corpus_files(data, storage: str) -> list[str]:
@@ -100,6 +173,13 @@ def modification_texts(data) -> list[str]:
     """The texts a modification stage trains on (no image is read)."""
     from cir.train.run import load_train_benchmarks
 
+    if data.synth_dir:
+        import pyarrow.parquet as pq
+
+        columns = ["text", "reverse_text"] if data.reverse else ["text"]
+        table = pa.concat_tables([pq.read_table(f, columns=columns) for f in synth_tables(data)[0]])
+        table = table.slice(0, data.limit) if data.limit else table
+        return [t for c in columns for t in table.column(c).to_pylist() if t]
     texts = []
     for bench in load_train_benchmarks(data.as_benchmark_data()):
         for q in [q for q in bench.queries if q.target_ids][: data.limit or None]:

@@ -129,10 +129,12 @@ def fit_tokenizer(cfg) -> str | None:
 def stage_examples(stage, workers: int, storage: str):
     """(Ray Dataset, number of examples) of a stage."""
     from cir.raycluster import dataset_from_table
-    from cir.train.generator_data import caption_examples, modification_examples
+    from cir.train.generator_data import caption_examples, modification_examples, synth_examples
 
     if stage.task == "caption":
         return caption_examples(stage.data, storage)
+    if stage.data.synth_dir:
+        return synth_examples(stage.data, workers)
     table = modification_examples(stage.data)
     n_blocks = max(workers * 4, table.num_rows // 2048)
     return dataset_from_table(table, -(-table.num_rows // n_blocks)), table.num_rows
