@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     result = {"pairs": str(Path(args.pairs).resolve()), "n_pairs": pairs.num_rows}
     if args.generator:
         methods = {
-            f"generator ({Path(args.generator).parent.parent.name})":
+            f"generator ({Path(args.generator).parent.parent.name}/{Path(args.generator).parent.name})":
                 score.generator_texts(args.generator, pairs, corpus, args.batch_size, args.num_actors),
             "template backend": score.template_texts_of(pairs),
             "most common train text": ([trivial[0]] * pairs.num_rows, [trivial[1]] * pairs.num_rows),

@@ -295,12 +295,13 @@ def test_score_job_scores_generator_template_and_trivial(generator_run, template
                  str(captioner), "--benchmark-dir", str(small_benchmark), "--output", str(out)]) == 0
     scores = json.loads(out.read_text())
     mod = scores["modification"]
-    assert scores["n_pairs"] == 24 and set(mod) == {"generator (gen)", "template backend", "most common train text"}
+    assert scores["n_pairs"] == 24
+    assert set(mod) == {"generator (gen/modification)", "template backend", "most common train text"}
     # Caption-based template texts are exact by construction: the checker's upper bound.
     assert mod["template backend"]["forward"]["all"] == mod["template backend"]["reverse"]["all"] == 100.0
     assert sum(mod["template backend"]["forward"]["n"].values()) == 24
     assert mod["most common train text"]["forward"]["all"] < 50.0
-    assert 0.0 <= mod["generator (gen)"]["forward"]["all"] <= 100.0
+    assert 0.0 <= mod["generator (gen/modification)"]["forward"]["all"] <= 100.0
     assert scores["caption"]["n"] == 24 and 0.0 <= scores["caption"]["captioner"] <= 100.0
     assert main(["--pairs", str(template_synth)]) == 2                  # nothing to score
     assert main(["--pairs", str(tmp_path), "--generator", str(export)]) == 2   # not a synth output
