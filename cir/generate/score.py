@@ -77,10 +77,8 @@ def generator_texts(export: str, pairs: pa.Table, corpus: list[str], batch_size:
     backend.validate()
     backend.check_cluster()
     backend.corpus_files = corpus
-    rows = backend.apply(ray.data.from_arrow(pairs)).to_arrow_refs()
-    out = pa.concat_tables(ray.get(rows)) if rows else pa.table({})
-    by_pair = {(r, t): (f, b) for r, t, f, b in zip(*(out.column(c).to_pylist() for c in
-                                                      ("ref_id", "tgt_id", "text", "reverse_text")))}
+    written = _columns(backend.apply(ray.data.from_arrow(pairs)), ("ref_id", "tgt_id", "text", "reverse_text"))
+    by_pair = {(r, t): (f, b) for r, t, f, b in zip(*written)}
     keys = list(zip(pairs.column("ref_id").to_pylist(), pairs.column("tgt_id").to_pylist()))
     return [by_pair.get(k, (None, None))[0] for k in keys], [by_pair.get(k, (None, None))[1] for k in keys]
 
@@ -135,7 +133,11 @@ def score_captions(export: str, corpus: list[str], n: int, batch_size: int = 64,
 
 
 def _columns(ds, names) -> list[list]:
+    """Columns of a Ray Dataset as lists (an empty dataset: empty lists)."""
     import ray
 
-    table = pa.concat_tables(ray.get(ds.select_columns(list(names)).to_arrow_refs()))
+    tables = [t for t in ray.get(ds.select_columns(list(names)).to_arrow_refs()) if t.num_rows]
+    if not tables:
+        return [[] for _ in names]
+    table = pa.concat_tables(tables)
     return [table.column(c).to_pylist() for c in names]

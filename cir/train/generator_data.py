@@ -112,19 +112,17 @@ class PairImages:
 
 def synth_examples(data, workers: int):
     """(Ray Dataset of example rows, number of rows) of a synth output's triplets."""
-    import pyarrow.parquet as pq
     import ray
 
     triplets, corpus = synth_tables(data)
-    reverse = pa.concat_tables([pq.read_table(f, columns=["reverse_text"]) for f in triplets]).column(0)
-    reverse = reverse.slice(0, data.limit) if data.limit else reverse
-    n = len(reverse) + ((len(reverse) - reverse.null_count) if data.reverse else 0)
     ds = ray.data.read_parquet(triplets).select_columns(["ref_id", "tgt_id", "text", "reverse_text"])
     ds = ds.limit(data.limit) if data.limit else ds
     ds = ds.map_batches(PairImages, fn_constructor_args=(corpus, data.reverse), batch_format="pyarrow",
                         batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)))
-    # Read before training starts, as caption_examples does.
-    return ds.materialize(), n
+    # Read before training starts, as caption_examples does; the count is then the
+    # blocks' metadata, not another read.
+    ds = ds.materialize()
+    return ds, ds.count()
 
 
 def corpus_files(data, storage: str) -> list[str]:
