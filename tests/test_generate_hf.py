@@ -113,6 +113,7 @@ def test_synth_with_hf_resumes(hf_synth):
 
 def test_bad_hf_options_are_refused_before_any_work(tmp_path):
     for key, value, match in [("generate.hf.model", str(tmp_path / "missing.gguf"), "no GGUF file"),
+                              ("generate.hf.model", str(tmp_path / "no-such-model"), "is not a folder"),
                               ("generate.hf.dtype", "int3", "dtype"),
                               ("generate.options.texts_per_pair", 0, "texts_per_pair"),
                               ("generate.options.prompt", "modify.v9", "unknown prompt")]:

@@ -70,6 +70,20 @@ def gguf_path(model: str) -> Path | None:
     return None
 
 
+def check_model_source(model: str, where: str) -> None:
+    """Refuse a missing local model folder now, by name, rather than in an actor after
+    Hugging Face took the path for a hub id ("Repo id must be in the form ...").
+
+    A hub id is "name" or "org/name"; anything else (an absolute or relative path with
+    more parts, ~, or a path that exists) is a folder and must hold a model."""
+    path = Path(model).expanduser()
+    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1 or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        what = "is not a folder" if not path.is_dir() else "has no config.json"
+        raise ValueError(f"{where}: {model} {what}; give a Hugging Face model id or a model folder "
+                         "(save_pretrained)")
+
+
 def model_id(model: str) -> str:
     if model == SMOLLM2:
         return "SmolLM2-135M-Instruct"
@@ -252,7 +266,8 @@ class HFBackend(LLMBackend):
 
     def validate_engine(self) -> None:
         o = self.options
-        gguf_path(o.model)       # names a missing package or file now
+        if gguf_path(o.model) is None:   # names a missing package or GGUF file now
+            check_model_source(o.model, "generate.hf.model")
         if o.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"generate.hf.dtype must be auto, fp32, bf16 or fp16, got {o.dtype!r}")
         if o.cpus_per_actor <= 0:

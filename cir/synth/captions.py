@@ -48,12 +48,18 @@ class CaptionsConfig:
             raise ValueError(f"captions.captioner must be one of {', '.join(CAPTIONERS)}, got {self.captioner!r}")
         if self.batch_size < 1 or self.num_actors < 1 or self.max_new_tokens < 1:
             raise ValueError("captions: batch_size, num_actors and max_new_tokens must be >= 1")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"captions.dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.captioner == "generator":
             from cir.generate.mtst import check_generator_export
 
             check_generator_export(self.model, "caption", "captions.model")
-        elif self.captioner == "hf" and not self.model.strip():
-            raise ValueError("captions.model is required for captioner 'hf': an image-to-text model id or folder")
+        elif self.captioner == "hf":
+            from cir.generate.hf import check_model_source
+
+            if not self.model.strip():
+                raise ValueError("captions.model is required for captioner 'hf': an image-to-text model id or folder")
+            check_model_source(self.model, "captions.model")
         elif self.captioner == "vllm":
             vllm_backend(self).validate_engine()
 
