@@ -81,12 +81,14 @@ def test_stages_chain_and_resume(generator_run, tmp_path):
         run_generator_training(changed)
 
 
-@pytest.mark.parametrize("bridge", ["mlp", "qformer"])
-def test_bridges_and_the_loss_covers_text_only(bridge):
+@pytest.mark.parametrize("bridge,features", [("mlp", "final"), ("qformer", "final"), ("mlp", "embed+final")])
+def test_bridges_and_the_loss_covers_text_only(bridge, features):
     from cir.models.generator import Generator, train_tokenizer
 
     tok = train_tokenizer(["make the red circle blue", "a small red circle at the top"] * 20, 300)
-    g = Generator(GeneratorConfig(bridge=bridge, n_queries=4, **SMALL_LM), tokenizer=tok)
+    g = Generator(GeneratorConfig(bridge=bridge, n_queries=4, vision_features=features, **SMALL_LM), tokenizer=tok)
+    width = g.visual.conv1.out_channels
+    assert g.d_image == (2 * width if features == "embed+final" else width)   # patch embedding beside the token
     pixels = torch.rand(3, 3, 64, 64)
     out = g("modification", [pixels, pixels], ["make the red circle blue"] * 3)
     assert out["tokens"] == 3 * (len(tok("make the red circle blue")["input_ids"]) + 1)  # + EOS
@@ -100,6 +102,8 @@ def test_bridges_and_the_loss_covers_text_only(bridge):
 def test_bad_configs_are_refused(tmp_path, small_benchmark):
     with pytest.raises(ValueError, match="bridge"):
         GeneratorConfig(bridge="transformer")
+    with pytest.raises(ValueError, match="vision_features"):
+        GeneratorConfig(vision_features="middle")
     with pytest.raises(ValueError, match="from scratch"):
         GeneratorConfig(lm_trainable="lora")
     with pytest.raises(ValueError, match="corpus is required"):
@@ -127,7 +131,8 @@ def test_mtst_backend_writes_texts_from_images_and_resumes(generator_run, tmp_pa
 
     export, _ = generator_run
     out = tmp_path / "synth"
-    summary = SynthRun(synth_config(out, export)).run()
+    settings = {"generate.max_pairs": 40}   # an untrained generator writes every text to max_new_tokens
+    summary = SynthRun(synth_config(out, export, **settings)).run()
     triplets = read_table(out / "triplets").sort_by("triplet_id")
     pairs = read_table(out / "pairs")
     assert triplets.num_rows > 0 and triplets.num_rows == summary.stages["triplets"].extra["filter"]["kept"]
@@ -145,7 +150,7 @@ def test_mtst_backend_writes_texts_from_images_and_resumes(generator_run, tmp_pa
         assert g.generate("modification", [b, a], 24) == [row["reverse_text"]]
     # Resume: only the deleted stage runs again, and gives the same rows.
     shutil.rmtree(out / "triplets")
-    again = SynthRun(synth_config(out, export)).run()
+    again = SynthRun(synth_config(out, export, **settings)).run()
     assert [n for n, r in again.stages.items() if not r.skipped] == ["triplets"]
     assert read_table(out / "triplets").sort_by("triplet_id").equals(triplets)
 

@@ -71,6 +71,7 @@ class ComposerConfig:
 
 GENERATOR_TASKS = ("modification", "caption")
 BRIDGES = ("mlp", "qformer")
+VISION_FEATURES = ("final", "embed+final")
 
 
 @dataclass
@@ -80,6 +81,10 @@ class GeneratorConfig:
     a caption (one)."""
 
     vision: str = "cir-shapes"               # open_clip name; frozen
+    # final: the tower's output patch tokens | embed+final: each also with its patch
+    # embedding (the conv before the transformer), which keeps local detail (a shape's
+    # outline) that a small tower's last layer mixes away; LLaVA reads an earlier layer too
+    vision_features: str = "final"
     lm: str = "builtin:tiny-gpt"             # HF causal-LM id or folder, or builtin:tiny-gpt
     lm_dtype: str = "float32"
     lm_trainable: str = "full"               # full | lora | frozen (lora/frozen: a pretrained LM)
@@ -105,6 +110,9 @@ class GeneratorConfig:
     def __post_init__(self):
         if self.lm_trainable not in ("lora", "full", "frozen"):
             raise ValueError(f"lm_trainable must be lora, full or frozen, got {self.lm_trainable!r}")
+        if self.vision_features not in VISION_FEATURES:
+            raise ValueError(f"vision_features must be one of {', '.join(VISION_FEATURES)}, "
+                             f"got {self.vision_features!r}")
         if self.bridge not in BRIDGES:
             raise ValueError(f"bridge must be one of {', '.join(BRIDGES)}, got {self.bridge!r}")
         if self.lm.startswith("builtin:") and self.lm_trainable != "full":
