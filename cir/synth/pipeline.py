@@ -291,7 +291,7 @@ def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, fol
                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1)
                            ).write_parquet(str(scratch))
     try:
-        counts = ray.data.read_parquet(str(scratch), columns=["drop_reason"]).groupby("drop_reason").count()
+        counts = ray.data.read_parquet(str(scratch)).select_columns(["drop_reason"]).groupby("drop_reason").count()
         by_reason = {row["drop_reason"]: row["count()"] for row in counts.take_all()}
         rows = ray.data.read_parquet(str(scratch))
         kept = rows.filter(expr=col("drop_reason") == "")
