@@ -133,12 +133,9 @@ class Generator(nn.Module):
         self.visual.requires_grad_(False)
         if hasattr(self.visual, "output_tokens"):
             self.visual.output_tokens = True
-        self._patch_embeddings = None
-        if cfg.vision_features == "embed+final":
-            if not isinstance(getattr(self.visual, "conv1", None), nn.Conv2d):
-                raise ValueError(f"vision_features 'embed+final' needs a ViT tower with a patch-embedding conv; "
-                                 f"{cfg.vision} has none")
-            self.visual.conv1.register_forward_hook(self._keep_patch_embeddings)
+        if cfg.vision_features == "embed+final" and not isinstance(getattr(self.visual, "conv1", None), nn.Conv2d):
+            raise ValueError(f"vision_features 'embed+final' needs a ViT tower with a patch-embedding conv; "
+                             f"{cfg.vision} has none")
         with torch.no_grad():
             size = self.preprocess_cfg["size"]
             size = (size, size) if isinstance(size, int) else tuple(size)
@@ -184,17 +181,14 @@ class Generator(nn.Module):
             out.append(self.preprocess(im.convert("RGB") if isinstance(im, Image.Image) else im))
         return torch.stack(out)
 
-    def _keep_patch_embeddings(self, module, inputs, output):
-        self._patch_embeddings = output.flatten(2).transpose(1, 2)   # [B, width, h, w] -> [B, h*w, width]
-
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.visual(pixels)
         if not isinstance(out, tuple):
             return out.float().unsqueeze(1)  # a tower without patch tokens: its pooled vector
         tokens = out[1].float()  # (pooled, patch tokens)
-        if self.cfg.vision_features == "embed+final":
-            tokens = torch.cat([self._patch_embeddings.float(), tokens], -1)
-            self._patch_embeddings = None
+        if self.cfg.vision_features == "embed+final":   # one more run of the (cheap) patch conv
+            embed = self.visual.conv1(pixels).flatten(2).transpose(1, 2)   # [B, width, h, w] -> [B, h*w, width]
+            tokens = torch.cat([embed.float(), tokens], -1)
         return tokens
 
     def _prefix(self, task: str, pixels: list[torch.Tensor]) -> torch.Tensor:
