@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,39 @@ def ray_session():
                  include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def shapes_synth_config(output, **overrides):
+    """configs/local.yaml over 200 shapes images, with `a__b=value` overrides."""
+    from cir.config import load_config
+    from cir.synth.config import SynthConfig
+
+    pairs = [("output", str(output)), ("corpus.shapes.n_images", 200)] + list(overrides.items())
+    return load_config(SynthConfig, REPO / "configs" / "local.yaml", [(k.replace("__", "."), v) for k, v in pairs])
+
+
+@pytest.fixture(scope="session")
+def shapes_synth(ray_session, tmp_path_factory):
+    """(output, summary) of the synth job's default run (`template` texts) over 200 shapes
+    images: test_synth checks it, and the tests of other text backends start from its
+    corpus, embeddings and pairs (`copy_mined`)."""
+    from cir.synth.pipeline import SynthRun
+
+    out = tmp_path_factory.mktemp("synth") / "out"
+    return out, SynthRun(shapes_synth_config(out)).run()
+
+
+MINED_STAGES = ("corpus", "embeddings", "pairs")
+
+
+def copy_mined(synth_dir: Path, output: Path) -> Path:
+    """`output` holding the finished corpus, embeddings and pairs of `synth_dir`: a run
+    there with the same corpus, encode and mine settings skips them (their fingerprints
+    match) and makes only the triplets with its own text backend."""
+    output.mkdir(parents=True)
+    for stage in MINED_STAGES:
+        shutil.copytree(synth_dir / stage, output / stage)
+    return output
 
 
 @pytest.fixture(scope="session")

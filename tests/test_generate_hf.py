@@ -15,7 +15,7 @@ from cir.outputs import read_table
 from cir.synth.config import GenerateConfig
 from cir.synth.pipeline import SynthRun
 
-from test_synth import make_config
+from conftest import copy_mined, shapes_synth_config as make_config
 
 REF = "a small red circle at the top left, a large blue square in the centre"
 TGT = "a small blue circle at the top left, a large blue square in the centre"
@@ -80,8 +80,8 @@ def test_no_reverse_texts_when_not_asked(ray_session, tiny_chat_model):
 
 
 @pytest.fixture(scope="module")
-def hf_synth(ray_session, tiny_chat_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth-hf") / "out"
+def hf_synth(shapes_synth, tiny_chat_model, tmp_path_factory):
+    out = copy_mined(shapes_synth[0], tmp_path_factory.mktemp("synth-hf") / "out")
     cfg = make_config(out, generate__backend="hf", generate__hf__model=str(tiny_chat_model),
                       generate__batch_size=32, filter__min_words=3)
     return out, cfg, SynthRun(cfg).run()

@@ -124,13 +124,14 @@ def synth_config(output, export, **overrides):
     return load_config(SynthConfig, REPO / "configs" / "local.yaml", [(k.replace("__", "."), v) for k, v in pairs])
 
 
-def test_mtst_backend_writes_texts_from_images_and_resumes(generator_run, tmp_path):
+def test_mtst_backend_writes_texts_from_images_and_resumes(generator_run, template_synth, tmp_path):
     from cir.generate.mtst import GENERATOR_PREFIX
     from cir.models.generator import load_generator
     from cir.synth.pipeline import SynthRun
+    from conftest import copy_mined
 
     export, _ = generator_run
-    out = tmp_path / "synth"
+    out = copy_mined(template_synth, tmp_path / "synth")    # the same corpus and pairs: only mtst runs
     settings = {"generate.max_pairs": 40}   # an untrained generator writes every text to max_new_tokens
     summary = SynthRun(synth_config(out, export, **settings)).run()
     triplets = read_table(out / "triplets").sort_by("triplet_id")

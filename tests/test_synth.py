@@ -12,27 +12,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from cir import schemas
-from cir.config import load_config
 from cir.data.edits import modification_texts
 from cir.data.shapes import parse_caption
 from cir.outputs import read_table
-from cir.synth.config import SynthConfig
 from cir.synth.pipeline import SynthRun
+from conftest import shapes_synth_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_config(output, **overrides) -> SynthConfig:
-    pairs = [("output", str(output)), ("corpus.shapes.n_images", 200)] + list(overrides.items())
-    return load_config(SynthConfig, REPO / "configs" / "local.yaml",
-                       [(k.replace("__", "."), v) for k, v in pairs])
+make_config = shapes_synth_config
 
 
 @pytest.fixture(scope="module")
-def shapes_run(ray_session, tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth") / "out"
-    summary = SynthRun(make_config(out)).run()
-    return out, summary
+def shapes_run(shapes_synth):
+    return shapes_synth
 
 
 def _sorted(table: pa.Table) -> pa.Table:

@@ -25,10 +25,11 @@ def tiny_config(tmp_path, **overrides) -> TrainConfig:
 
 
 def shapes_training_config(tmp_path, benchmark: Path) -> TrainConfig:
-    """12 epochs of InfoNCE on the benchmark's train split: enough to learn the edits."""
+    """8 epochs of InfoNCE on the benchmark's train split: enough to learn the edits (val
+    recall@10 65% against 5% untrained; 12 epochs give 75% for 30 s more)."""
     return tiny_config(tmp_path, model=SHAPES_MODEL, run__eval_every=0, run__checkpoint_every=1000,
                        **{"stages": [{"name": "finetune",
                                       "data": {"source": "benchmark", "benchmark_dir": str(benchmark)},
-                                      "optim": {"lr": 2e-3, "warmup_steps": 5, "epochs": 12,
+                                      "optim": {"lr": 2e-3, "warmup_steps": 5, "epochs": 8,
                                                 "micro_batch_size": 16},
                                       "loss": {"objective": "infonce"}}]})
