@@ -19,7 +19,7 @@ from cir.schemas import embedding_array, embedding_matrix
 from cir.synth.config import GenerateConfig
 from cir.synth.pipeline import STAGES, SynthRun
 
-from conftest import copy_mined, shapes_synth_config as make_config
+from test_synth import make_config
 
 QWEN = "Qwen/Qwen2.5-7B-Instruct"
 ENGINE = {"max_model_len": 4096, "gpu_memory_utilization": 0.9, "enable_prefix_caching": True}
@@ -221,15 +221,15 @@ def test_synth_refuses_vllm_on_a_cpu_cluster_before_writing(ray_session, tmp_pat
     assert not out.exists() or not [p.name for p in out.iterdir() if any(s in p.name for s in STAGES)]
 
 
-@pytest.mark.slow     # the triplets stage of the shared mined run (conftest.shapes_synth)
-def test_synth_with_a_faked_engine_filters_and_writes_triplets(shapes_synth, monkeypatch, tmp_path):
+@pytest.mark.slow     # ~40 s on 2 idle cores: the whole synth job
+def test_synth_with_a_faked_engine_filters_and_writes_triplets(ray_session, monkeypatch, tmp_path):
     # The whole job past the cluster check, with the direction check on (the shipped
     # cir-shapes encoder has a trained text tower): the pipeline's columns survive vLLM's.
     import ray.data.llm
 
     monkeypatch.setattr(ray.data.llm, "build_processor", fake_build_processor)
     monkeypatch.setattr(VLLMBackend, "check_cluster", lambda self: None)
-    out = copy_mined(shapes_synth[0], tmp_path / "out")
+    out = tmp_path / "out"
     cfg = make_config(out, generate__backend="vllm", generate__vllm__model_source=QWEN, generate__batch_size=64,
                       generate__options__texts_per_pair=2, filter__min_direction_score=-1.0)
     summary = SynthRun(cfg).run()
