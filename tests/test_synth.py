@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,25 +15,15 @@ from cir.data.edits import modification_texts
 from cir.data.shapes import parse_caption
 from cir.outputs import read_table
 from cir.synth.pipeline import SynthRun
-from conftest import shapes_synth_config
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-make_config = shapes_synth_config
-
-
-@pytest.fixture(scope="module")
-def shapes_run(shapes_synth):
-    return shapes_synth
+from conftest import shapes_synth_config as make_config
 
 
 def _sorted(table: pa.Table) -> pa.Table:
     return table.sort_by("triplet_id")
 
 
-def test_shapes_triplet_texts_are_the_exact_edit(shapes_run):
-    out, summary = shapes_run
+def test_shapes_triplet_texts_are_the_exact_edit(shapes_synth):
+    out, summary = shapes_synth
     triplets = read_table(out / "triplets")
     corpus = read_table(out / "corpus", columns=["image_id", "caption"]).to_pydict()
     captions = dict(zip(corpus["image_id"], corpus["caption"]))
@@ -47,8 +36,8 @@ def test_shapes_triplet_texts_are_the_exact_edit(shapes_run):
     assert len(set(triplets.column("triplet_id").to_pylist())) == triplets.num_rows
 
 
-def test_tables_follow_the_contracts(shapes_run):
-    out, summary = shapes_run
+def test_tables_follow_the_contracts(shapes_synth):
+    out, summary = shapes_synth
     emb = read_table(out / "embeddings")
     assert schemas.embeddings_metadata(emb.schema) == ("cir-shapes", 128)  # the model of configs/local.yaml
     assert make_config(out).encode.model == "cir-shapes"
@@ -64,8 +53,8 @@ def test_tables_follow_the_contracts(shapes_run):
         assert (out / name / "_SUCCESS.json").is_file()
 
 
-def test_resume_redoes_only_the_missing_stage(shapes_run, tmp_path):
-    out, _ = shapes_run
+def test_resume_redoes_only_the_missing_stage(shapes_synth, tmp_path):
+    out, _ = shapes_synth
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     before = _sorted(read_table(copy / "triplets"))
@@ -75,8 +64,8 @@ def test_resume_redoes_only_the_missing_stage(shapes_run, tmp_path):
     assert _sorted(read_table(copy / "triplets")).equals(before)
 
 
-def test_changed_settings_are_not_silently_reused(shapes_run, tmp_path):
-    out, _ = shapes_run
+def test_changed_settings_are_not_silently_reused(shapes_synth, tmp_path):
+    out, _ = shapes_synth
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     with pytest.raises(RuntimeError, match="other settings"):
@@ -155,8 +144,8 @@ def test_bad_inputs_fail_at_once_and_leave_nothing(tmp_path, image_folder):
     assert not out.exists()
 
 
-def test_parquet_corpus_source(ray_session, shapes_run, tmp_path):
-    out, _ = shapes_run
+def test_parquet_corpus_source(ray_session, shapes_synth, tmp_path):
+    out, _ = shapes_synth
     corpus = read_table(out / "corpus").slice(0, 60)
     pq.write_table(corpus, tmp_path / "corpus.parquet")
     cfg = make_config(tmp_path / "out", corpus__source=str(tmp_path / "corpus.parquet"))
