@@ -118,12 +118,22 @@ class ServedApp:
     settings: object          # the app's ServeSettings
 
 
-def free_port() -> int:
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports. The sockets stay bound until all are picked:
+    one at a time, the OS may hand out a port it just released again (CI once got the
+    same port for two of a `ray start`'s flags, and the head failed to start)."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="module")

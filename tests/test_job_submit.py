@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 from cir.outputs import read_table
 
@@ -24,12 +24,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 MARKER = "CIR_TEST_CLUSTER"
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill_marked(token: str) -> None:
@@ -50,18 +44,19 @@ def head_node(tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path(f"/tmp/cir-head-{token[:8]}")  # short: Unix socket paths are limited
-    dash = _free_port()
-    cmd = [RAY, "start", "--head", f"--temp-dir={temp_dir}", "--num-cpus=2",
-           f"--port={_free_port()}", f"--dashboard-port={dash}", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+    flags = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+             "node-manager-port", "object-manager-port")
     # Every port of its own: another Ray on the machine (a developer's, or this test
     # session's) holds the defaults, and the job agent then never comes up.
-    cmd += [f"--{flag}={_free_port()}" for flag in (
-        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-        "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
+    ports = dict(zip(flags, free_ports(len(flags))))
+    cmd = [RAY, "start", "--head", f"--temp-dir={temp_dir}", "--num-cpus=2", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", "--disable-usage-stats"]
+    cmd += [f"--{flag}={port}" for flag, port in ports.items()]
     try:
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-        yield f"http://127.0.0.1:{dash}", env, temp_dir
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, f"ray start failed:\n{started.stdout[-2000:]}\n{started.stderr[-3000:]}"
+        yield f"http://127.0.0.1:{ports['dashboard-port']}", env, temp_dir
     finally:
         _kill_marked(token)
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
