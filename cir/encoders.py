@@ -20,7 +20,8 @@ BUILTIN_MODELS = tuple(sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.json"))
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Short names for shipped weights: name -> (architecture, weights file). `cir-shapes`
 # is a tiny CLIP trained on the shapes world by jobs/train_clip.py (cir/weights/README.md).
-SHIPPED = {"cir-shapes": ("cir-shapes", WEIGHTS_DIR / "cir-shapes.safetensors")}
+SHIPPED = {"cir-shapes": ("cir-shapes", WEIGHTS_DIR / "cir-shapes.safetensors"),
+           "cir-shapes-cells": ("cir-shapes-cells", WEIGHTS_DIR / "cir-shapes-cells.safetensors")}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cir import clip_train
-from cir.data.shapes import Obj, Scene, caption
+from cir.data.shapes import Obj, Scene, caption, render
 from cir.data.shapes_corpus import write_corpus
 from cir.encoders import ClipEncoder, _open_clip
 
@@ -182,3 +182,26 @@ def test_random_weights_do_not_pass_the_shipped_threshold(nn_corpus):
     model = clip_train.create_model(ARCH, seed=0).eval()
     rate = clip_train.neighbour_stats(clip_train.embed(model, images=images), families)
     assert rate["nn_same_group"] < SHIPPED_NN_SAME_FAMILY_MIN
+
+
+@pytest.mark.parametrize("name, aligned", [("cir-shapes-cells", True), ("cir-shapes", False)])
+def test_the_cells_tower_has_one_patch_per_grid_cell(name, aligned):
+    """`cir-shapes-cells` (72 px, 24 px patches) gives one patch per grid cell: a colour
+    edit in one cell changes that cell's patch embedding and no other, so the MTST
+    generator reads every object from one token. `cir-shapes`' 16 px patches straddle
+    cells, and the same edit moves several tokens."""
+    from cir.models.vision import build_vision_tower
+
+    tower = build_vision_tower(name)
+    ref = Scene((Obj("circle", "red", "small", "top left"), Obj("star", "blue", "large", "centre")))
+    tgt = Scene((Obj("circle", "red", "small", "top left"), Obj("star", "green", "large", "centre")))
+    pixels = torch.stack([tower.preprocess(render(s, 64, seed=3)) for s in (ref, tgt)])
+    with torch.no_grad():
+        patches = tower.visual.conv1(pixels).flatten(2).transpose(1, 2)   # [2, tokens, width]
+    moved = (patches[0] - patches[1]).abs().amax(-1)
+    changed = moved > 0.01 * moved.max()   # the 64 -> 72 px bicubic resize leaks ~1e-4 of it next door
+    if aligned:
+        assert patches.shape[1] == 9
+        assert changed.tolist() == [i == 4 for i in range(9)]   # the centre, alone
+    else:
+        assert int(changed.sum()) > 1
