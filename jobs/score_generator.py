@@ -23,6 +23,8 @@ def parse_args(argv=None):
                    help="a synth output folder: its mined pairs are scored, its corpus gives images and captions")
     p.add_argument("--n", type=int, default=500, help="pairs (and captioned images) to score")
     p.add_argument("--generator", help="an export of jobs/train_generator.py trained for modification texts")
+    p.add_argument("--prompt", default=None, help="the generator writes after this prompt (default: its "
+                   "model.modification_prompt; a stage's data.prompt reads that stage's wording)")
     p.add_argument("--captioner", help="an export of jobs/train_generator.py trained for captions")
     p.add_argument("--benchmark-dir", default=None, help="the shapes benchmark whose train split gives the "
                    "trivial baseline's text (default: the built-in location)")
@@ -81,11 +83,13 @@ def main(argv=None) -> int:
     if args.generator:
         methods = {
             f"generator ({Path(args.generator).parent.parent.name}/{Path(args.generator).parent.name})":
-                score.generator_texts(args.generator, pairs, corpus, args.batch_size, args.num_actors),
+                score.generator_texts(args.generator, pairs, corpus, args.batch_size, args.num_actors,
+                                      args.prompt),
             "template backend": score.template_texts_of(pairs),
             "most common train text": ([trivial[0]] * pairs.num_rows, [trivial[1]] * pairs.num_rows),
         }
         result["generator"] = str(Path(args.generator).resolve())
+        result["prompt"] = args.prompt
         result["modification"] = score.score_modification(pairs, methods)
         print_table(result["modification"])
     if args.captioner:

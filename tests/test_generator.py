@@ -89,7 +89,7 @@ def test_bridges_and_the_loss_covers_text_only(bridge, features):
     g = Generator(GeneratorConfig(bridge=bridge, n_queries=4, vision_features=features, **SMALL_LM), tokenizer=tok)
     width = g.visual.conv1.out_channels
     assert g.d_image == (2 * width if features == "embed+final" else width)   # patch embedding beside the token
-    pixels = torch.rand(3, 3, 64, 64)
+    pixels = torch.rand(3, 3, *g.preprocess_cfg["size"])
     out = g("modification", [pixels, pixels], ["make the red circle blue"] * 3)
     assert out["tokens"] == 3 * (len(tok("make the red circle blue")["input_ids"]) + 1)  # + EOS
     out["loss"].backward()
@@ -220,6 +220,51 @@ def test_a_stage_pretrains_on_synth_triplets(template_synth, small_benchmark, tm
     assert (export / "model.safetensors").is_file()
     assert json.loads((export / "config.json").read_text())["extra"]["task"] == "modification"
 
+
+
+def test_a_stage_rehearses_synth_pairs_under_their_own_prompt(template_synth, small_benchmark, tmp_path):
+    """A modification stage on annotated triplets with `rehearse`: its examples carry its
+    prompt, the rehearsed synth pairs theirs (null: the model's), shuffled together."""
+    from cir.train.generator_loop import stage_examples
+
+    cfg = generator_config(tmp_path, small_benchmark, stages=[
+        {"name": "modification", "task": "modification",
+         "data": {"benchmark_dir": str(small_benchmark), "limit": 40, "prompt": "Say it your way:",
+                  "rehearse": {"synth_dir": str(template_synth), "triplets": 20}}}])
+    dataset, n = stage_examples(cfg.stages[0], workers=2, storage=cfg.run.storage)
+    rows = dataset.take_all()
+    prompts = [r["prompt"] for r in rows]
+    assert n == len(rows) == 80 + 40                  # forward and reverse of each
+    assert prompts.count("Say it your way:") == 80 and prompts.count(None) == 40
+    assert None in prompts[:60] and "Say it your way:" in prompts[60:]   # mixed, not one after the other
+    with pytest.raises(ValueError, match="rehearse needs a synth_dir"):
+        generator_config(tmp_path, small_benchmark, stages=[
+            {"name": "m", "task": "modification", "data": {"rehearse": {"triplets": 5}}}])
+    with pytest.raises(ValueError, match="data.prompt applies to modification stages"):
+        generator_config(tmp_path, small_benchmark, stages=[
+            {"name": "c", "task": "caption", "data": {"corpus": "x.parquet", "prompt": "Say:"}}])
+    with pytest.raises(ValueError, match="not a 'caption' one"):
+        generator_config(tmp_path, small_benchmark, stages=[
+            {"name": "c", "task": "caption", "data": {"corpus": "x.parquet",
+                                                      "rehearse": {"synth_dir": str(template_synth)}}}])
+
+
+def test_a_batch_of_two_prompts_is_each_prompt_weighted_by_its_tokens():
+    from cir.models.generator import Generator, train_tokenizer
+
+    torch.manual_seed(0)
+    texts = ["make the red circle blue", "remove the small green star at the top", "add a star"]
+    tok = train_tokenizer(texts * 10 + ["Say it your way:"], 300)
+    g = Generator(GeneratorConfig(**SMALL_LM), tokenizer=tok).eval()
+    pixels = [torch.rand(3, 3, *g.preprocess_cfg["size"]) for _ in range(2)]
+    mixed = g("modification", pixels, texts, [None, "Say it your way:", None])
+    own = g("modification", [p[[0, 2]] for p in pixels], [texts[0], texts[2]])
+    other = g("modification", [p[[1]] for p in pixels], [texts[1]], ["Say it your way:"])
+    assert mixed["tokens"] == own["tokens"] + other["tokens"]
+    expected = (own["loss"] * own["tokens"] + other["loss"] * other["tokens"]) / mixed["tokens"]
+    assert torch.allclose(mixed["loss"], expected, atol=1e-6)
+    assert not torch.allclose(g("modification", pixels, texts)["loss"], mixed["loss"])   # the prompt is read
+    assert len(g.generate("modification", pixels, max_new_tokens=4, prompt="Say it your way:")) == 3
 
 
 # ----------------------------------------------------------------- the captions step

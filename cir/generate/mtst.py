@@ -25,8 +25,9 @@ class MTSTOptions:
 
     model: str = ""                  # an export of jobs/train_generator.py (its modification stage)
     reverse: bool = True             # also write the target -> reference text
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = None  # None: the export's max_text_tokens
     num_beams: int = 1               # 1: greedy
+    prompt: str | None = None        # None: the export's modification_prompt; else one a stage trained with
     dtype: str = "auto"              # auto: bf16 on CUDA, fp32 on CPU
     cpus_per_actor: float = 1
     gpus_per_actor: float | str = "auto"
@@ -86,8 +87,8 @@ class MTSTGenerator(TextGeneratorActor):
         g, o = self.generator, self.options
         ref = g.pixels(self.images(batch.column("ref_id").to_pylist()))
         tgt = g.pixels(self.images(batch.column("tgt_id").to_pylist()))
-        forward = g.generate("modification", [ref, tgt], o.max_new_tokens, o.num_beams)
-        reverse = (g.generate("modification", [tgt, ref], o.max_new_tokens, o.num_beams) if o.reverse
+        forward = g.generate("modification", [ref, tgt], o.max_new_tokens, o.num_beams, o.prompt)
+        reverse = (g.generate("modification", [tgt, ref], o.max_new_tokens, o.num_beams, o.prompt) if o.reverse
                    else [None] * len(forward))
         keep = list(range(batch.num_rows))
         rows = triplet_rows(batch, keep, forward, reverse, MTSTBackend.source, [self.generator_id] * len(keep))
@@ -101,7 +102,11 @@ class MTSTBackend(Backend):
     needs_corpus = True
 
     def validate(self) -> None:
-        check_generator_export(self.options.model, "modification", "generate.mtst.model")
+        o = self.options
+        if (o.max_new_tokens is not None and o.max_new_tokens < 1) or o.num_beams < 1:
+            raise ValueError(f"generate.mtst: max_new_tokens (null or >= 1) and num_beams (>= 1), "
+                             f"got {o.max_new_tokens} and {o.num_beams}")
+        check_generator_export(o.model, "modification", "generate.mtst.model")
 
     def check_cluster(self) -> None:
         from cir.raycluster import gpus_per_actor

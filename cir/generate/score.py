@@ -66,14 +66,15 @@ def scored_pairs(synth_dir, n: int) -> tuple[pa.Table, list[str]]:
 
 
 def generator_texts(export: str, pairs: pa.Table, corpus: list[str], batch_size: int = 64,
-                    num_actors: int = 1) -> tuple[list[str | None], list[str | None]]:
+                    num_actors: int = 1, prompt: str | None = None) -> tuple[list[str | None], list[str | None]]:
     """(forward, reverse) texts of a trained generator for `pairs`, in pair order: the
-    `mtst` backend's actor pool, without the synth job's quality filter."""
+    `mtst` backend's actor pool (after `prompt`, None: the export's own), without the
+    synth job's quality filter."""
     import ray
 
     from cir.generate.mtst import MTSTBackend, MTSTOptions
 
-    backend = MTSTBackend(MTSTOptions(model=export), batch_size, num_actors)
+    backend = MTSTBackend(MTSTOptions(model=export, prompt=prompt), batch_size, num_actors)
     backend.validate()
     backend.check_cluster()
     backend.corpus_files = corpus

@@ -80,7 +80,9 @@ class GeneratorConfig:
     LM's input space, and a causal LM that writes a modification text (two images) or
     a caption (one)."""
 
-    vision: str = "cir-shapes"               # open_clip name; frozen
+    # open_clip name; frozen. cir-shapes-cells: one patch token per shapes grid cell
+    # (cir-shapes' tokens do not carry each object's look: cir/weights/README.md)
+    vision: str = "cir-shapes-cells"
     # final: the tower's output patch tokens | embed+final: each also with its patch
     # embedding (the conv before the transformer), which keeps local detail (a shape's
     # outline) that a small tower's last layer mixes away; LLaVA reads an earlier layer too
@@ -94,8 +96,8 @@ class GeneratorConfig:
     lora_targets: list[str] | None = None
     # builtin:tiny-gpt, trained from scratch: a Llama-style decoder of this size over a
     # byte-level BPE vocabulary fitted to the training texts.
-    lm_hidden: int = 256
-    lm_layers: int = 4
+    lm_hidden: int = 192
+    lm_layers: int = 3
     lm_heads: int = 4
     vocab_size: int = 1024
     bridge: str = "mlp"                      # mlp: every patch token | qformer: learned queries
@@ -103,7 +105,7 @@ class GeneratorConfig:
     bridge_layers: int = 2                   # qformer: cross-attention layers
     # modification: also give the bridge target - reference, patch by patch (what changed)
     difference_tokens: bool = True
-    max_text_tokens: int = 64
+    max_text_tokens: int = 192               # a shapes pair's exhaustive text takes up to ~120
     modification_prompt: str = "Describe how to change the first image into the second:"
     caption_prompt: str = "Describe the image:"
 

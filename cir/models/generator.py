@@ -156,8 +156,7 @@ class Generator(nn.Module):
         else:
             self.bridge = QFormerBridge(self.d_image, self.hidden, self.n_image_tokens, init_rms, cfg.n_queries,
                                         cfg.bridge_layers)
-        self._prompts = {task: self.tokenizer(cfg.prompt(task), add_special_tokens=False)["input_ids"]
-                         for task in ("modification", "caption")}
+        self._prompt_ids: dict[str, list[int]] = {}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -191,7 +190,8 @@ class Generator(nn.Module):
             tokens = torch.cat([embed.float(), tokens], -1)
         return tokens
 
-    def _prefix(self, task: str, pixels: list[torch.Tensor]) -> torch.Tensor:
+    def _visual(self, task: str, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """The bridge's prefix tokens of a batch's images."""
         n = {"modification": 2, "caption": 1}[task]
         if len(pixels) != n:
             raise ValueError(f"task {task!r} takes {n} image(s) per example, got {len(pixels)}")
@@ -200,16 +200,36 @@ class Generator(nn.Module):
             images = [self._tokens(p.to(self.device, dtype)) for p in pixels]
         if task == "modification" and self.cfg.difference_tokens:
             images.append(images[1] - images[0])
-        visual = self.bridge([x.to(self.bridge.norm.weight.dtype) for x in images])
+        return self.bridge([x.to(self.bridge.norm.weight.dtype) for x in images])
+
+    def _prefix(self, task: str, visual: torch.Tensor, prompt: str | None) -> torch.Tensor:
+        """[visual][prompt] embeddings; prompt None: the task's prompt of the config."""
+        prompt = self.cfg.prompt(task) if prompt is None else prompt
+        if prompt not in self._prompt_ids:
+            self._prompt_ids[prompt] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         embed = self.lm.get_input_embeddings()
-        prompt = torch.tensor(self._prompts[task], device=self.device)
-        prompt = embed(prompt).unsqueeze(0).expand(visual.shape[0], -1, -1)
-        return torch.cat([visual.to(prompt.dtype), prompt], 1)
+        ids = torch.tensor(self._prompt_ids[prompt], device=self.device, dtype=torch.long)
+        prompt_embeds = embed(ids).unsqueeze(0).expand(visual.shape[0], -1, -1)
+        return torch.cat([visual.to(prompt_embeds.dtype), prompt_embeds], 1)
 
     # -- training and generation -------------------------------------------------
-    def forward(self, task: str, pixels: list[torch.Tensor], texts: list[str]) -> dict:
-        """{"loss", "tokens"}: mean cross-entropy over the text tokens and their EOS."""
-        prefix = self._prefix(task, pixels)
+    def forward(self, task: str, pixels: list[torch.Tensor], texts: list[str],
+                prompts: list[str | None] | None = None) -> dict:
+        """{"loss", "tokens"}: mean cross-entropy over the text tokens and their EOS.
+        `prompts`: each example's prompt (None: the task's); a batch that mixes prompts
+        (a stage rehearsing an earlier one's data) runs the LM once per prompt."""
+        visual = self._visual(task, pixels)
+        prompts = prompts if prompts is not None else [None] * len(texts)
+        groups: dict = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt, []).append(i)
+        loss_sum, tokens = 0.0, 0
+        for prompt, idx in groups.items():
+            out = self._text_loss(self._prefix(task, visual[idx], prompt), [texts[i] for i in idx])
+            loss_sum, tokens = loss_sum + out["loss"] * out["tokens"], tokens + out["tokens"]
+        return {"loss": loss_sum / tokens, "tokens": tokens}
+
+    def _text_loss(self, prefix: torch.Tensor, texts: list[str]) -> dict:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ids = [x[: self.cfg.max_text_tokens - 1] + [eos] for x in
                self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
@@ -225,10 +245,10 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def generate(self, task: str, pixels: list[torch.Tensor], max_new_tokens: int | None = None,
-                 num_beams: int = 1) -> list[str]:
-        """Greedy (or beam) texts, one per example. Every prefix has the same length,
-        so a batch needs no padding."""
-        prefix = self._prefix(task, pixels)
+                 num_beams: int = 1, prompt: str | None = None) -> list[str]:
+        """Greedy (or beam) texts, one per example, after `prompt` (None: the task's).
+        Every prefix has the same length, so a batch needs no padding."""
+        prefix = self._prefix(task, self._visual(task, pixels), prompt)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
         tok = self.tokenizer
         out = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, do_sample=False, num_beams=num_beams,

@@ -12,6 +12,18 @@ from cir.train.config import BENCHMARKS, DataConfig, DeepSpeedConfig, OptimConfi
 
 
 @dataclass
+class RehearsalConfig:
+    """An earlier stage's synth triplets mixed into a stage (the first `triplets` rows of
+    that table, a stable sample), trained after their own prompt: the stage learns a new
+    wording from a few annotated texts without forgetting what the earlier data taught
+    (reading every object off the images)."""
+    synth_dir: str = ""
+    triplets: int = 5000
+    reverse: bool = True
+    prompt: str | None = None
+
+
+@dataclass
 class GeneratorDataConfig:
     # modification: annotated triplets of a benchmark's split, through cir.benchmarks
     benchmark: str = "shapes"                  # shapes | cirr | fashioniq
@@ -31,9 +43,28 @@ class GeneratorDataConfig:
     shapes: ShapesCorpusConfig = field(default_factory=lambda: ShapesCorpusConfig(n_images=20000, seed=1))
     limit: int | None = None
     seed: int = 0
+    # the prompt these examples are trained after (None: model.modification_prompt or
+    # model.caption_prompt); the synth job's mtst backend writes after the same choice
+    prompt: str | None = None
+    rehearse: RehearsalConfig | None = None    # modification: mix an earlier stage's data in
+
+    def rehearsal(self) -> "GeneratorDataConfig":
+        """The data section of the rehearsed examples."""
+        r = self.rehearse
+        return GeneratorDataConfig(synth_dir=r.synth_dir, limit=r.triplets, reverse=r.reverse, prompt=r.prompt,
+                                   seed=self.seed)
 
     def validate(self, where: str, task: str) -> None:
+        if self.rehearse is not None:
+            if task != "modification":
+                raise ValueError(f"{where}.data.rehearse mixes synth pairs into a modification stage, "
+                                 f"not a {task!r} one")
+            if not self.rehearse.synth_dir or self.rehearse.triplets < 1:
+                raise ValueError(f"{where}.data.rehearse needs a synth_dir and triplets >= 1")
         if task == "caption":
+            if self.prompt is not None:
+                raise ValueError(f"{where}.data.prompt applies to modification stages; a caption stage "
+                                 "trains after model.caption_prompt")
             if not self.corpus:
                 raise ValueError(f"{where}.data.corpus is required for task 'caption': a Parquet corpus with "
                                  "captions (e.g. outputs/synth-pretrain/corpus, or one written by "

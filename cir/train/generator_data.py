@@ -17,8 +17,11 @@ import pyarrow as pa
 
 from cir.progress import log
 
+# `prompt`: what the example is trained after (null: the model's prompt for the task),
+# so that one model keeps two wordings apart, e.g. exhaustive caption-based texts and
+# the benchmark's annotated style
 EXAMPLE_SCHEMA = pa.schema([("a_image", pa.binary()), ("a_path", pa.string()), ("b_image", pa.binary()),
-                            ("b_path", pa.string()), ("text", pa.string())])
+                            ("b_path", pa.string()), ("text", pa.string()), ("prompt", pa.string())])
 TOKENIZER_SAMPLE = 200_000   # texts the builtin LM's BPE is fitted on, at most
 
 
@@ -42,10 +45,10 @@ def modification_examples(data) -> pa.Table:
             except FileNotFoundError as exc:
                 missing[q.query_id] = str(exc)
                 continue
-            rows.append((*ref, *tgt, q.text))
+            rows.append((*ref, *tgt, q.text, data.prompt))
             reverse = q.meta.get("reverse_text")
             if data.reverse and reverse:
-                rows.append((*tgt, *ref, reverse))
+                rows.append((*tgt, *ref, reverse, data.prompt))
     if missing:
         first = "; ".join(list(missing.values())[:3])
         if not rows:
@@ -91,10 +94,10 @@ class PairImages:
     images' bytes or paths, read by id from the corpus; the reverse texts as rows of
     their own."""
 
-    def __init__(self, corpus_files: list[str], reverse: bool):
+    def __init__(self, corpus_files: list[str], reverse: bool, prompt: str | None = None):
         from cir.data.lookup import KeyedParquet
 
-        self.corpus, self.reverse = KeyedParquet(corpus_files, "image_id"), reverse
+        self.corpus, self.reverse, self.prompt = KeyedParquet(corpus_files, "image_id"), reverse, prompt
 
     def _image(self, image_id: str) -> tuple:
         return self.corpus.value(image_id, "image"), self.corpus.value(image_id, "path")
@@ -104,9 +107,9 @@ class PairImages:
         for ref_id, tgt_id, text, reverse in zip(*(batch.column(c).to_pylist() for c in
                                                    ("ref_id", "tgt_id", "text", "reverse_text"))):
             ref, tgt = self._image(ref_id), self._image(tgt_id)
-            rows.append((*ref, *tgt, text))
+            rows.append((*ref, *tgt, text, self.prompt))
             if self.reverse and reverse:
-                rows.append((*tgt, *ref, reverse))
+                rows.append((*tgt, *ref, reverse, self.prompt))
         return pa.Table.from_pylist([dict(zip(EXAMPLE_SCHEMA.names, r)) for r in rows], schema=EXAMPLE_SCHEMA)
 
 
@@ -117,7 +120,7 @@ def synth_examples(data, workers: int):
     triplets, corpus = synth_tables(data)
     ds = ray.data.read_parquet(triplets).select_columns(["ref_id", "tgt_id", "text", "reverse_text"])
     ds = ds.limit(data.limit) if data.limit else ds
-    ds = ds.map_batches(PairImages, fn_constructor_args=(corpus, data.reverse), batch_format="pyarrow",
+    ds = ds.map_batches(PairImages, fn_constructor_args=(corpus, data.reverse, data.prompt), batch_format="pyarrow",
                         batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)))
     # Read before training starts, as caption_examples does; the count is then the
     # blocks' metadata, not another read.
@@ -191,14 +194,18 @@ def tokenizer_texts(stages, storage: str) -> list[str]:
     """The texts of every stage (a stable sample), that the builtin LM's BPE is fitted on."""
     from cir.data import corpus as corpus_io
 
+    sources = [(s.task, s.data) for s in stages]
+    sources += [("modification", s.data.rehearsal()) for s in stages if s.data.rehearse]
     texts: list[str] = []
-    for stage in stages:
-        if stage.task == "caption":
-            files = corpus_files(stage.data, storage)
+    seen = set()   # a stage that rehearses an earlier stage's synth output adds no new text
+    for task, data in sources:
+        if task == "caption":
+            files = corpus_files(data, storage)
             caps = corpus_io.read_captions(files).column("caption").drop_null().to_pylist()
             texts += caps[:TOKENIZER_SAMPLE]
-        else:
-            texts += modification_texts(stage.data)
+        elif not data.synth_dir or data.synth_dir not in seen:
+            seen.add(data.synth_dir)
+            texts += modification_texts(data)
     return texts[:: max(1, len(texts) // TOKENIZER_SAMPLE)]
 
 

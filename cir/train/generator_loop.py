@@ -28,7 +28,7 @@ class TextLoss(torch.nn.Module):
         self.generator = generator
 
     def forward(self, batch: dict) -> dict:
-        return self.generator(batch["task"], batch["pixels"], batch["texts"])
+        return self.generator(batch["task"], batch["pixels"], batch["texts"], batch.get("prompts"))
 
 
 def _column(rows: dict, name: str, n: int) -> list:
@@ -44,7 +44,8 @@ def training_batch(generator, task: str, rows: dict) -> dict:
     pixels = [generator.pixels([read_image(d, p) for d, p in zip(_column(rows, f"{s}_image", n),
                                                                  _column(rows, f"{s}_path", n))])
               for s in sides]
-    return {"task": task, "pixels": pixels, "texts": [str(t) for t in rows["text"]]}
+    return {"task": task, "pixels": pixels, "texts": [str(t) for t in rows["text"]],
+            "prompts": [p if isinstance(p, str) else None for p in _column(rows, "prompt", n)]}
 
 
 @torch.no_grad()
@@ -53,16 +54,17 @@ def evaluate_generator(generator, val: dict, batch_size: int = 64) -> dict:
     of generated texts that the exact checker accepts (percent)."""
     from cir.data.edit_parse import is_exact
 
-    task = val["task"]
+    task, prompt = val["task"], val.get("prompt")
     was_training = generator.training
     generator.eval()
     loss_sum, tokens, texts = 0.0, 0, []
     for i in range(0, len(val["texts"]), batch_size):
         images = [val["a"][i:i + batch_size]] + ([val["b"][i:i + batch_size]] if val["b"] else [])
         pixels = [generator.pixels(side) for side in images]
-        out = generator(task, pixels, val["texts"][i:i + batch_size])
+        chunk = val["texts"][i:i + batch_size]
+        out = generator(task, pixels, chunk, [prompt] * len(chunk))
         loss_sum, tokens = loss_sum + float(out["loss"]) * out["tokens"], tokens + out["tokens"]
-        texts += generator.generate(task, pixels)
+        texts += generator.generate(task, pixels, prompt=prompt)
     generator.train(was_training)
     b = val["b_captions"] or [None] * len(texts)
     exact = [is_exact(task, t, a, c) for t, a, c in zip(texts, val["a_captions"], b)]
@@ -134,10 +136,16 @@ def stage_examples(stage, workers: int, storage: str):
     if stage.task == "caption":
         return caption_examples(stage.data, storage)
     if stage.data.synth_dir:
-        return synth_examples(stage.data, workers)
-    table = modification_examples(stage.data)
-    n_blocks = max(workers * 4, table.num_rows // 2048)
-    return dataset_from_table(table, -(-table.num_rows // n_blocks)), table.num_rows
+        dataset, n = synth_examples(stage.data, workers)
+    else:
+        table = modification_examples(stage.data)
+        n_blocks = max(workers * 4, table.num_rows // 2048)
+        dataset, n = dataset_from_table(table, -(-table.num_rows // n_blocks)), table.num_rows
+    if stage.data.rehearse:
+        # shuffled once, so that every stretch of an epoch mixes the two
+        rehearsed, m = synth_examples(stage.data.rehearsal(), workers)
+        dataset, n = dataset.union(rehearsed).random_shuffle(seed=stage.data.seed).materialize(), n + m
+    return dataset, n
 
 
 def run_generator_training(cfg) -> Path:
@@ -160,7 +168,8 @@ def run_generator_training(cfg) -> Path:
         dataset, n = stage_examples(stage, cfg.run.num_workers, cfg.run.storage)
         val = None
         if cfg.run.eval_every and (stage.task == "caption" or stage.data.benchmark == "shapes"):
-            val = ray.put(shapes_val(stage.task, stage.data.benchmark_dir, cfg.run.eval_split, cfg.run.eval_limit))
+            val = shapes_val(stage.task, stage.data.benchmark_dir, cfg.run.eval_split, cfg.run.eval_limit)
+            val = ray.put({**val, "prompt": stage.data.prompt})   # what the stage's examples are trained after
         init_from = fit_stage(cfg, stage, init_from, dataset, n, val, generator_loop_per_worker, CURVE_METRICS,
                               extra={"tokenizer": tokenizer})
     return init_from
