@@ -42,7 +42,10 @@ def _check_type(value, hint, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise TypeError(f"{where}: expected a mapping, got {value!r}")
-        return value
+        args = typing.get_args(hint)
+        if not args:
+            return value
+        return {_check_type(k, args[0], where): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise TypeError(f"{where}: expected a mapping, got {value!r}")

@@ -34,12 +34,13 @@ def test_bad_overrides_name_the_problem(override, message):
 
 def _config_class(path):
     from cir.evaluation.config import EvalConfig
+    from cir.evaluation.scaling import ScalingConfig
     from cir.synth.config import SynthConfig
     from cir.train.generator_config import GeneratorTrainConfig
 
     if path.parent.name == "train":
         return GeneratorTrainConfig if "generator" in path.stem or "captioner" in path.stem else TrainConfig
-    return {"synth": SynthConfig, "eval": EvalConfig}.get(path.parent.name, SynthConfig)
+    return {"synth": SynthConfig, "eval": EvalConfig, "scaling": ScalingConfig}.get(path.parent.name, SynthConfig)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
