@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cir.config import load_config, parse_override  # noqa: E402
-from cir.evaluation.scaling import ScalingConfig, markdown_table, plot_scaling, scaling_rows  # noqa: E402
+from cir.evaluation.scaling import (ScalingConfig, markdown_table, plot_scaling, reference_rows,  # noqa: E402
+                                    scaling_rows)
 
 
 def main(argv=None) -> int:
@@ -26,9 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config value (repeatable)")
     args = p.parse_args(argv)
     cfg = load_config(ScalingConfig, args.config, [parse_override(s) for s in args.set])
-    rows = scaling_rows(cfg)
-    print(markdown_table(rows, cfg.metrics))
-    print(f"\nplot: {plot_scaling(rows, cfg.metrics, cfg.plot, cfg.title)}")
+    rows, references = scaling_rows(cfg), reference_rows(cfg)
+    print(markdown_table(references + rows, cfg.metrics))
+    print(f"\nplot: {plot_scaling(rows, cfg.metrics, cfg.plot, cfg.title, references)}")
     return 0
 
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from cir.config import load_config
-from cir.evaluation.scaling import ScalingConfig, markdown_table, plot_scaling, scaling_rows
+from cir.evaluation.scaling import ScalingConfig, markdown_table, plot_scaling, reference_rows, scaling_rows
 from cir.outputs import write_table
 
 
@@ -21,9 +21,9 @@ def _eval(tmp_path, name, r1, r10):
     return str(folder)
 
 
-def _config(tmp_path, series):
+def _config(tmp_path, series, references=None):
     path = tmp_path / "scaling.yaml"
-    path.write_text(json.dumps({"plot": str(tmp_path / "plot.png"), "series": series}))
+    path.write_text(json.dumps({"plot": str(tmp_path / "plot.png"), "series": series, "references": references or {}}))
     return load_config(ScalingConfig, path)
 
 
@@ -41,6 +41,16 @@ def test_points_are_counted_from_the_tables_and_averaged_over_seeds(tmp_path):
     assert "| template | 45 | 2 | 31.0 ± 1.4 | 81.0 ± 1.4 |" in table
     assert "| template | 20 | 1 | 20.0 | 70.0 |" in table
     assert plot_scaling(rows, cfg.metrics, cfg.plot, cfg.title).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_reference_run_is_a_level_line_beside_the_series(tmp_path):
+    cfg = _config(tmp_path, {"template": [{"synth_dir": _synth(tmp_path, "s", 9), "evals": [_eval(tmp_path, "t", 30.0, 80.0)]}]},
+                  {"A": [_eval(tmp_path, "a0", 20.0, 70.0), _eval(tmp_path, "a1", 22.0, 72.0)]})
+    refs = reference_rows(cfg)
+    assert refs == [{"series": "A", "seeds": 2, "recall@1": (21.0, pytest.approx(2 ** 0.5)),
+                     "recall@10": (71.0, pytest.approx(2 ** 0.5))}]
+    assert "| A | 0 | 2 | 21.0 ± 1.4 | 71.0 ± 1.4 |" in markdown_table(refs + scaling_rows(cfg), cfg.metrics)
+    assert plot_scaling(scaling_rows(cfg), cfg.metrics, cfg.plot, cfg.title, refs).is_file()
 
 
 def test_a_missing_run_or_table_is_named(tmp_path):

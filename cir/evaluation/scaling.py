@@ -27,6 +27,9 @@ class ScalingPoint:
 @dataclass
 class ScalingConfig:
     series: dict[str, list[ScalingPoint]] = field(default_factory=dict)
+    # Runs without synthetic data (e.g. the annotated-only run A): {label: eval folders},
+    # drawn as a level line.
+    references: dict[str, list[str]] = field(default_factory=dict)
     metrics: list[str] = field(default_factory=lambda: ["recall@1", "recall@10"])
     plot: str = "docs/scaling.png"
     title: str = "pretraining triplets vs. retrieval"
@@ -48,23 +51,35 @@ def read_recalls(eval_dir: str | Path) -> dict[str, float]:
     return metrics
 
 
+def mean_recalls(evals: list[str], metrics: list[str], where: str) -> dict[str, tuple[float, float]]:
+    """{metric: (mean, sd)} over the eval folders (sd 0 for one)."""
+    if not evals:
+        raise ValueError(f"{where}: no eval folders")
+    recalls = [read_recalls(e) for e in evals]
+    out = {}
+    for metric in metrics:
+        missing = [e for e, r in zip(evals, recalls) if metric not in r]
+        if missing:
+            raise ValueError(f"{missing[0]}: no {metric} in metrics.json")
+        values = np.array([r[metric] for r in recalls], dtype=np.float64)
+        out[metric] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+    return out
+
+
+def reference_rows(cfg: ScalingConfig) -> list[dict]:
+    return [{"series": label, "seeds": len(evals), **mean_recalls(evals, cfg.metrics, f"reference {label!r}")}
+            for label, evals in cfg.references.items()]
+
+
 def scaling_rows(cfg: ScalingConfig) -> list[dict]:
     """One row per point: series, triplets, seeds and, per metric, mean and sd over the
     seeds (sd 0 for a single seed)."""
     rows = []
     for name, points in cfg.series.items():
         for point in points:
-            if not point.evals:
-                raise ValueError(f"series {name!r}, {point.synth_dir}: no eval folders")
-            recalls = [read_recalls(e) for e in point.evals]
-            row = {"series": name, "triplets": count_triplets(point.synth_dir), "seeds": len(recalls)}
-            for metric in cfg.metrics:
-                missing = [e for e, r in zip(point.evals, recalls) if metric not in r]
-                if missing:
-                    raise ValueError(f"{missing[0]}: no {metric} in metrics.json")
-                values = np.array([r[metric] for r in recalls], dtype=np.float64)
-                row[metric] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
-            rows.append(row)
+            recalls = mean_recalls(point.evals, cfg.metrics, f"series {name!r}, {point.synth_dir}")
+            rows.append({"series": name, "triplets": count_triplets(point.synth_dir), "seeds": len(point.evals),
+                         **recalls})
     return sorted(rows, key=lambda r: (r["series"], r["triplets"]))
 
 
@@ -72,18 +87,21 @@ def markdown_table(rows: list[dict], metrics: list[str]) -> str:
     head = ["series", "pretraining triplets", "seeds", *(m.replace("recall@", "R@") for m in metrics)]
     lines = ["| " + " | ".join(head) + " |", "| --- | ---: | ---: |" + " ---: |" * len(metrics)]
     for r in rows:
-        cells = [r["series"], f"{r['triplets']:,}", str(r["seeds"])]
+        cells = [r["series"], f"{r['triplets']:,}" if "triplets" in r else "0", str(r["seeds"])]
         cells += [f"{r[m][0]:.1f} ± {r[m][1]:.1f}" if r["seeds"] > 1 else f"{r[m][0]:.1f}" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_scaling(rows: list[dict], metrics: list[str], path: str | Path, title: str) -> Path:
-    """One panel per metric, a line per series on a log x axis, seeds' sd as error bars."""
+def plot_scaling(rows: list[dict], metrics: list[str], path: str | Path, title: str,
+                 references: list[dict] = ()) -> Path:
+    """One panel per metric, a line per series on a log x axis, seeds' sd as error bars;
+    each reference a dashed level line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -91,7 +109,12 @@ def plot_scaling(rows: list[dict], metrics: list[str], path: str | Path, title: 
             pts = [r for r in rows if r["series"] == series]
             ax.errorbar([p["triplets"] for p in pts], [p[metric][0] for p in pts],
                         yerr=[p[metric][1] for p in pts], marker="o", capsize=3, label=series)
+        for ref, style in zip(references, ("--", ":", "-.")):
+            ax.axhline(ref[metric][0], color="grey", linestyle=style, label=ref["series"])
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("synthetic pretraining triplets")
         ax.set_ylabel(metric.replace("recall@", "R@") + " (%)")
         ax.grid(alpha=0.3)
