@@ -129,7 +129,7 @@ def fit_stage(cfg, stage, init_from: Path | None, dataset, n_examples: int, val,
     and install the export of its last checkpoint, with `history.json` and `curve.png`
     beside it. `cfg` has `model`, `run` and `deepspeed` sections; `extra` is added to
     the loop's config."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_dir = run_folder(cfg)
@@ -152,6 +152,7 @@ def fit_stage(cfg, stage, init_from: Path | None, dataset, n_examples: int, val,
         run_config=RunConfig(name=stage.name, storage_path=str(run_dir),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
         datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest_options()),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
@@ -161,6 +162,17 @@ def fit_stage(cfg, stage, init_from: Path | None, dataset, n_examples: int, val,
     plot_curve(history, stage_dir / "curve.png", f"{cfg.run.name} / {stage.name}", curve_metrics)
     log(f"stage {stage.name}: exported to {export}")
     return export
+
+
+def ingest_options():
+    """Ray Data options for the train dataset's split among the workers: in order, so
+    that each worker gets the same rows on any cluster layout and after a restore
+    (Train's default hands blocks to the worker on the node that holds them)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def stage_settings(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> dict:
