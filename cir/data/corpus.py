@@ -110,26 +110,34 @@ def parquet_corpus_files(source: str | Path) -> list[str]:
     return [str(f) for f in files]
 
 
-def check_parquet_corpus(files: list[str], needs_captions: bool) -> pa.Schema:
-    """Schema of a Parquet corpus after checking its columns and that it has rows."""
-    schema = pq.read_schema(files[0])
+def check_parquet_corpus(files: list, needs_captions: bool) -> pa.Schema:
+    """Schema of a Parquet corpus after checking its columns and that it has rows.
+    `files`: paths, or `cir.storage` locations (a corpus the synth job wrote to a URI)."""
+    from cir.outputs import parquet_file
+
+    schema = parquet_file(files[0]).schema_arrow
     what = f"Parquet corpus {files[0]}"
     schemas.require_columns(schema, ["image_id"], what)
     if "image" not in schema.names and "path" not in schema.names:
         raise ValueError(f"{what} needs an 'image' (bytes) or a 'path' column; it has {', '.join(schema.names)}")
     if needs_captions:
         schemas.require_columns(schema, ["caption"], f"{what} (the text backend needs captions)")
-    if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
+    if sum(parquet_file(f).metadata.num_rows for f in files) == 0:
         raise ValueError(f"corpus {files[0]} is empty (0 rows)")
     return schema
 
 
-def read_captions(files: list[str]) -> pa.Table:
-    """image_id, caption, category of a corpus (absent columns come back null)."""
+def read_captions(files: list) -> pa.Table:
+    """image_id, caption, category of a corpus (absent columns come back null); `files`
+    as `check_parquet_corpus`'s."""
+    from cir.storage import split
+
     tables = []
     for f in files:
-        names = pq.read_schema(f).names
-        t = pq.read_table(f, columns=[c for c in ("image_id", "caption", "category") if c in names])
+        fs, where = split(f)
+        names = pq.read_schema(where, filesystem=fs).names
+        t = pq.read_table(where, columns=[c for c in ("image_id", "caption", "category") if c in names],
+                          filesystem=fs)
         for col in ("caption", "category"):
             if col not in t.column_names:
                 t = t.append_column(col, pa.nulls(t.num_rows, pa.string()))
