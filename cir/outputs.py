@@ -31,7 +31,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cir.storage import Location, Where, check_access, read_json, remove_tree, resolve, split, walk_files
+from cir.storage import (Location, Where, check_access, copy_file, read_json, remove_tree, resolve, split, upload,
+                         walk_files)
 
 SUCCESS = "_SUCCESS.json"
 ATTEMPT = "attempt-"      # prefix of a stage's data on an object store
@@ -188,11 +189,30 @@ def _upload_file(target: Location):
     try:
         tmp = staging / target.name
         yield tmp
-        target.parent.mkdir()
-        with open(tmp, "rb") as src, target.fs.open_output_stream(target.path) as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
+        upload(tmp, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def copy_output(src, dst, stages: list[str]) -> None:
+    """Copy finished stages from one output to another, across filesystems: e.g. an index
+    job's `index` and `gallery` from a bucket down to the local folder a server reads.
+    Each stage arrives committed as a run there would have written it: its files
+    (without an object store's attempt prefix) and its marker."""
+    src_out, dst_out = OutputDir(src), OutputDir(dst)
+    for stage in stages:
+        if not src_out.done(stage):
+            raise FileNotFoundError(f"{src_out.path(stage)} is not a finished stage (no {SUCCESS})")
+        manifest = src_out.manifest(stage)
+        files = manifest.pop("files", None)
+        folder = src_out.path(stage)
+        if files is None:         # a marker from before the file lists: its folder's files
+            files = [f.relative_to(folder) if isinstance(f, Location) else f.relative_to(folder).as_posix()
+                     for f in walk_files(folder)]
+        with atomic_path(dst_out.path(stage), directory=True, marker=manifest) as tmp:
+            for name in (f for f in files if f != SUCCESS):
+                first, _, rest = name.partition("/")
+                copy_file(folder / name, tmp / (rest if first.startswith(ATTEMPT) and rest else name))
 
 
 def write_text_atomic(path, text: str) -> Where:

@@ -198,6 +198,40 @@ def split_many(files: Iterable[str | os.PathLike | Location]) -> tuple[pafs.File
     return (pairs[0][0] if pairs else None), [p for _, p in pairs]
 
 
+def ray_read_parquet(files: Iterable[str | os.PathLike | Location], **kwargs):
+    """`ray.data.read_parquet` over files (paths or locations) on their filesystem."""
+    import ray
+
+    fs, paths = split_many(files)
+    return ray.data.read_parquet(paths, filesystem=fs, **kwargs)
+
+
+def refs(files: Iterable[Where]) -> list:
+    """Files as readers take them (`split_many`, Ray task arguments): path strings for
+    local files, as they always were, and locations for the others."""
+    return [f if isinstance(f, Location) else str(f) for f in files]
+
+
+def upload(local: str | os.PathLike, target: Location) -> None:
+    """Copy a local file to `target` in one stream: on S3 and GCS the object appears
+    whole when the stream closes, or not at all."""
+    import shutil
+
+    target.parent.mkdir()
+    with open(local, "rb") as src, target.fs.open_output_stream(target.path) as dst:
+        shutil.copyfileobj(src, dst, 1 << 22)
+
+
+def copy_file(src: Where, dst: Where) -> None:
+    """Copy one file between any two filesystems (local paths included)."""
+    def fs_path(where):
+        return (where.fs, where.path) if isinstance(where, Location) else (pafs.LocalFileSystem(), str(where))
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    (src_fs, src_path), (dst_fs, dst_path) = fs_path(src), fs_path(dst)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
 def walk_files(folder: Where) -> list[Where]:
     """Every file below `folder`, recursively, sorted."""
     if isinstance(folder, Location):

@@ -150,3 +150,21 @@ def test_local_folders_keep_the_rename_and_list_their_files(tmp_path):
     # A folder whose marker predates the file list is read by listing, as before.
     (out.path("pairs") / SUCCESS).write_text(json.dumps({"stage": "pairs", "config": {}}))
     assert read_table(out.path("pairs")).equals(_table(3))
+
+
+def test_copy_output_between_filesystems(remote_root, tmp_path):
+    from cir.outputs import copy_output
+
+    out = OutputDir(remote_root)
+    with out.stage("gallery", {"k": 1}) as (tmp, manifest):
+        write_table(_table(5), tmp / "sub", rows_per_file=2)
+        manifest["rows"] = 5
+    copy_output(remote_root, tmp_path / "down", ["gallery"])       # down: a local folder a server reads
+    local = OutputDir(tmp_path / "down")
+    assert local.manifest("gallery") == {**out.manifest("gallery"),
+                                         "files": [f"sub/part-0000{i}.parquet" for i in range(3)]}
+    assert read_table(local.path("gallery")).equals(_table(5))
+    copy_output(tmp_path / "down", remote_root / "up", ["gallery"])   # and up again
+    assert read_table(remote_root / "up" / "gallery").equals(_table(5))
+    with pytest.raises(FileNotFoundError, match="not a finished stage"):
+        copy_output(remote_root, tmp_path / "down", ["index"])

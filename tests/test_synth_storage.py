@@ -5,16 +5,14 @@ local run, resumed and refused the same way.
   os or pathlib, so any reader or writer (in this process or a Ray Data task) that
   fell back to the local disk would miss the tables or write beside them;
 * a file:// URI through the job's command line;
-* an S3 endpoint, when CIR_TEST_S3_URI names one (e.g. a moto or MinIO server:
-  `s3://KEY:SECRET@bucket/prefix?endpoint_override=127.0.0.1:5055&scheme=http&region=us-east-1`
-  `&allow_bucket_creation=true`); skipped otherwise.
+* an S3 endpoint, when CIR_TEST_S3_URI names one (`conftest.s3_test_uri`); skipped
+  otherwise.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import uuid
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -23,7 +21,7 @@ import pytest
 from cir.outputs import SUCCESS, read_table
 from cir.storage import Location, resolve
 from cir.synth.pipeline import SynthRun
-from conftest import load_job
+from conftest import load_job, s3_test_uri
 from conftest import shapes_synth_config as make_config
 
 STAGES = ("corpus", "embeddings", "pairs", "triplets")
@@ -100,14 +98,12 @@ def test_synth_job_refuses_an_unknown_scheme(capsys):
 @pytest.mark.skipif(not os.environ.get("CIR_TEST_S3_URI"), reason="CIR_TEST_S3_URI names no S3 endpoint")
 def test_synth_job_on_s3(shapes_synth, capsys):
     local, _ = shapes_synth
-    base = os.environ["CIR_TEST_S3_URI"]
-    path, _, query = base.partition("?")
-    uri = f"{path.rstrip('/')}/{uuid.uuid4().hex[:8]}" + (f"?{query}" if query else "")
+    uri = s3_test_uri()
     job = load_job("synth")
     assert job.main(["--output", uri, "--set", "corpus.shapes.n_images=200"]) == 0
     assert_same_tables(local, resolve(uri))
     assert job.main(["--output", uri, "--set", "corpus.shapes.n_images=200"]) == 0
     out = capsys.readouterr().out
     assert out.count("reused") == len(STAGES)
-    secret = path.partition("://")[2].partition("@")[0]
-    assert "@" not in path or secret not in out, "credentials in the job's output"
+    userinfo = uri.partition("://")[2].partition("/")[0]
+    assert "@" not in userinfo or userinfo not in out, "credentials in the job's output"

@@ -20,7 +20,7 @@ from cir import schemas
 from cir.data import corpus as corpus_io
 from cir.outputs import OutputDir, count_rows, parquet_files, read_table, write_table
 from cir.progress import log
-from cir.storage import Location, remove_tree, split, split_many
+from cir.storage import ray_read_parquet, refs, remove_tree, split
 from cir.synth.config import SynthConfig
 
 STAGES = ("corpus", "captions", "embeddings", "pairs", "triplets")   # captions: only when asked
@@ -49,15 +49,7 @@ class SynthSummary:
 
 def _file_refs(folder) -> list:
     """A table's files as the readers take them: path strings locally, locations elsewhere."""
-    return [f if isinstance(f, Location) else str(f) for f in parquet_files(folder)]
-
-
-def _read_parquet(files: list):
-    """A Ray Dataset over table files, on their filesystem."""
-    import ray
-
-    fs, paths = split_many(files)
-    return ray.data.read_parquet(paths, filesystem=fs)
+    return refs(parquet_files(folder))
 
 
 class SynthRun:
@@ -166,7 +158,7 @@ class SynthRun:
 
             before = corpus_io.read_captions(self.corpus_files).column("caption").null_count
             fs, path = split(tmp)
-            caption_dataset(_read_parquet(self.corpus_files), c, self.cfg.filter).write_parquet(
+            caption_dataset(ray_read_parquet(self.corpus_files), c, self.cfg.filter).write_parquet(
                 path, filesystem=fs, min_rows_per_file=min(self.cfg.rows_per_file, 10_000))
             after = corpus_io.read_captions(_file_refs(tmp)).column("caption").null_count
             return {"missing_before": before, "missing_after": after, "captioner": c.captioner}
@@ -187,7 +179,7 @@ class SynthRun:
 
             schema = parquet_file(self.corpus_files[0]).schema_arrow
             columns = ["image_id"] + [c for c in ("image", "path") if c in schema.names]
-            images = _read_parquet(self.corpus_files).select_columns(columns)
+            images = ray_read_parquet(self.corpus_files).select_columns(columns)
             name = str(validate_encoder_name(e.model))
             report = write_embeddings(embed(images, e.model, e), tmp, name, self.cfg.rows_per_file)
             if report.rows == 0:
