@@ -28,16 +28,18 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-# Schemes pyarrow's FileSystem.from_uri knows (hdfs needs a JVM and libhdfs on the node).
-KNOWN_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+# Schemes pyarrow 26's FileSystem.from_uri knows (hdfs and viewfs need a JVM and libhdfs
+# on every node; abfs is Azure).
+KNOWN_SCHEMES = ("file", "s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
 
 CREDENTIALS_HINT = ("check the credentials on every node (S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                     "AWS_PROFILE or an instance role; GCS: GOOGLE_APPLICATION_CREDENTIALS or the VM's "
                     "service account) and that the bucket exists")
 
 
-class StorageError(OSError):
-    """A storage location that cannot be used: an unknown scheme, refused credentials."""
+class StorageError(ValueError):
+    """A storage location that cannot be used: an unknown scheme, refused credentials, a
+    URI where only a local path works yet. A ValueError: to a job, a bad setting."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,17 @@ def check_access(where: Where) -> None:
         raise StorageError(f"cannot reach {where}: {first}; {CREDENTIALS_HINT}") from exc
 
 
+def local_path(target: str | os.PathLike, what: str) -> Path:
+    """`target` as a local Path (a file:// URI too), for settings whose code still reads
+    and writes a local disk: a URI on another filesystem is refused, naming `what`,
+    instead of becoming a folder called `s3:` in the working directory."""
+    where = resolve(target)
+    if isinstance(where, Location):
+        raise StorageError(f"{what} must be a local folder (on a cluster, a shared mount), not {where}: "
+                           "only the synth and index jobs write to URIs so far (cluster/README.md, Storage)")
+    return where
+
+
 def split(where: str | os.PathLike | Location) -> tuple[pafs.FileSystem | None, str]:
     """(filesystem, path) for pyarrow's and Ray Data's `filesystem=` arguments: None and
     the path for a local one (so that they behave exactly as without the argument)."""
@@ -191,11 +204,13 @@ def split(where: str | os.PathLike | Location) -> tuple[pafs.FileSystem | None, 
 
 def split_many(files: Iterable[str | os.PathLike | Location]) -> tuple[pafs.FileSystem | None, list[str]]:
     """(filesystem, paths) of files that all live on one filesystem."""
+    files = list(files)
     pairs = [split(f) for f in files]
-    filesystems = {id(fs): fs for fs, _ in pairs}
-    if len(filesystems) > 1:
-        raise ValueError(f"files on more than one filesystem: {[str(f) for f in files][:3]}")
-    return (pairs[0][0] if pairs else None), [p for _, p in pairs]
+    first = pairs[0][0] if pairs else None
+    for fs, _ in pairs:
+        if (fs is None) != (first is None) or (fs is not None and not fs.equals(first)):
+            raise ValueError(f"files on more than one filesystem: {[str(f) for f in files][:3]}")
+    return first, [p for _, p in pairs]
 
 
 def ray_read_parquet(files: Iterable[str | os.PathLike | Location], **kwargs):

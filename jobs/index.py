@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         from cir.index.job import IndexRun
 
         run = IndexRun(build_config(args))      # checks the config and the gallery before Ray starts
-    except (ValueError, TypeError, OSError) as exc:     # OSError: a missing gallery, refused storage
+    except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"index: error: {exc}", file=sys.stderr)
         return 2
     from cir.raycluster import init_ray

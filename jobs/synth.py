@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         from cir.synth.pipeline import SynthRun
 
         run = SynthRun(cfg)  # validates config and corpus before Ray starts
-    except (ValueError, TypeError, OSError) as exc:     # OSError: a missing corpus, refused storage
+    except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"synth: error: {exc}", file=sys.stderr)
         return 2
     from cir.raycluster import init_ray

@@ -134,7 +134,8 @@ def test_refused_access_names_the_location():
             raise PermissionError("AWS Error ACCESS_DENIED during HeadObject operation")
 
     refusing = pafs.PyFileSystem(Refusing(fsspec.filesystem("memory")))
-    with pytest.raises(StorageError, match=r"cannot reach py::refusing:bucket/run: AWS Error ACCESS_DENIED.*credentials"):
+    with pytest.raises(StorageError, match=r"cannot reach py::refusing:bucket/run: AWS Error ACCESS_DENIED.*"
+                                           r"credentials"):
         OutputDir("bucket/run", filesystem=refusing)
 
 
@@ -168,3 +169,44 @@ def test_copy_output_between_filesystems(remote_root, tmp_path):
     assert read_table(remote_root / "up" / "gallery").equals(_table(5))
     with pytest.raises(FileNotFoundError, match="not a finished stage"):
         copy_output(remote_root, tmp_path / "down", ["index"])
+
+
+def test_settings_that_need_a_local_disk_refuse_a_uri_by_name(tmp_path):
+    """Where the code still reads and writes local paths, a URI is refused before any
+    work instead of becoming a folder called `s3:` in the working directory."""
+    from cir.evaluation.config import EvalConfig
+    from cir.train.config import DeepSpeedConfig, RunSettings, TrainConfig, validate_run
+    from cir.train.generator_config import GeneratorDataConfig
+    from cir.train.run import run_folder
+
+    uri = "s3://bucket/runs?region=us-east-1"
+    with pytest.raises(StorageError, match=r"run.storage must be a local folder.*s3://bucket/runs"):
+        validate_run(RunSettings(storage=uri), DeepSpeedConfig())
+    with pytest.raises(StorageError, match=r"stages\[m\].data.synth_dir must be a local folder"):
+        GeneratorDataConfig(synth_dir=uri).validate("stages[m]", "modification")
+    with pytest.raises(StorageError, match="output must be a local folder"):
+        EvalConfig(benchmark="shapes", model="baseline:image-only", output="gs://bucket/eval").validate()
+    cfg = TrainConfig()
+    cfg.run.storage = f"file://{tmp_path}/runs"          # a local disk: taken
+    assert run_folder(cfg) == tmp_path / "runs" / cfg.run.name
+
+
+def test_a_parquet_corpus_at_an_s3_uri(tmp_path):
+    """The synth job's and the index job's corpus readers on S3 (CIR_TEST_S3_URI)."""
+    from conftest import s3_test_uri, uri_child
+    from cir.data import corpus as corpus_io
+
+    uri = s3_test_uri()
+    if uri is None:
+        pytest.skip("CIR_TEST_S3_URI names no S3 endpoint")
+    table = pa.table({"image_id": ["a", "b", "c"], "image": [b"1", b"2", b"3"],
+                      "caption": ["x", None, "z"]})
+    write_table(table, resolve(uri_child(uri, "corpus")), rows_per_file=2)
+    source = uri_child(uri, "corpus")
+    assert corpus_io.corpus_kind(source) == "parquet"
+    files = corpus_io.parquet_corpus_files(source)
+    assert len(files) == 2 and all(isinstance(f, Location) for f in files)
+    corpus_io.check_parquet_corpus(files, needs_captions=True)
+    assert corpus_io.read_captions(files).column("caption").to_pylist() == ["x", None, "z"]
+    with pytest.raises(FileNotFoundError, match="corpus not found"):
+        corpus_io.corpus_kind(uri_child(uri, "nothing"))

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from cir.outputs import SUCCESS, read_table
+from cir.outputs import SUCCESS, copy_output, read_table
 from cir.storage import Location, resolve
 from cir.synth.pipeline import SynthRun
-from conftest import load_job, s3_test_uri
+from conftest import MINED_STAGES, copy_mined, load_job, s3_test_uri, uri_child
 from conftest import shapes_synth_config as make_config
 
 STAGES = ("corpus", "embeddings", "pairs", "triplets")
@@ -61,6 +61,12 @@ def test_synth_on_a_filesystem_that_is_not_the_local_disk(shapes_synth, tmp_path
         assert files and all(f.startswith("attempt-") for f in files), stage
     assert summary.stages["triplets"].path == str(root / "triplets")
 
+    # The composer's training sources read a synth output wherever it was written.
+    from cir.train.sources import slerp_triplets, synth_triplets
+
+    for make in (synth_triplets, slerp_triplets):
+        assert make(root, "cir-shapes").equals(make(local, "cir-shapes")), make.__name__
+
     # Resume: nothing to redo.
     again = SynthRun(make_config("runs/shapes"), filesystem=fs).run()
     assert all(r.skipped for r in again.stages.values())
@@ -78,6 +84,29 @@ def test_synth_on_a_filesystem_that_is_not_the_local_disk(shapes_synth, tmp_path
 
     with pytest.raises(RuntimeError, match="other settings"):
         SynthRun(make_config("runs/shapes", mine__k=3), filesystem=fs).run()
+
+
+def test_quality_filter_on_a_filesystem_that_is_not_the_local_disk(shapes_synth, tmp_path, monkeypatch):
+    """The filter's branch: its scratch folder inside the stage's attempt, the kept rows,
+    and `rejected/` committed on its own; the same rows and counts as on a local folder."""
+    local, _ = shapes_synth
+    monkeypatch.chdir(tmp_path)
+    fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+    root = resolve("runs/filtered", filesystem=fs)
+    copy_output(local, root, list(MINED_STAGES))          # the mined stages, uploaded
+    settings = {"filter__enabled": True, "filter__max_words": 12}
+    here = SynthRun(make_config(copy_mined(local, tmp_path / "local"), **settings)).run()
+    there = SynthRun(make_config("runs/filtered", **settings), filesystem=fs).run()
+    assert not (tmp_path / "runs").exists(), "a stage wrote to the local disk"
+    for summary in (here, there):
+        assert [n for n, r in summary.stages.items() if not r.skipped] == ["triplets"]
+    counts = there.stages["triplets"].extra["filter"]
+    assert counts == here.stages["triplets"].extra["filter"] and counts["dropped"].get("too_long", 0) > 0
+    for table in ("triplets", "rejected"):
+        a, b = (read_table(r / table).sort_by("triplet_id") for r in (tmp_path / "local", root))
+        assert a.equals(b), table
+    assert (root / "rejected" / SUCCESS).is_file() and there.rejected == str(root / "rejected")
+    assert not any("_candidates" in f for f in json.loads((root / "triplets" / SUCCESS).read_text())["files"])
 
 
 def test_synth_job_takes_a_file_uri(shapes_synth, tmp_path, capsys):
@@ -107,3 +136,17 @@ def test_synth_job_on_s3(shapes_synth, capsys):
     assert out.count("reused") == len(STAGES)
     userinfo = uri.partition("://")[2].partition("/")[0]
     assert "@" not in userinfo or userinfo not in out, "credentials in the job's output"
+
+
+@pytest.mark.skipif(not os.environ.get("CIR_TEST_S3_URI"), reason="CIR_TEST_S3_URI names no S3 endpoint")
+def test_synth_reads_its_corpus_from_s3(shapes_synth, tmp_path):
+    """A Parquet corpus at a URI (here a synth output's corpus/ stage, read through its
+    marker) into a local output: the same pairs and triplets as from the local corpus."""
+    local, _ = shapes_synth
+    uri = s3_test_uri()
+    copy_output(local, resolve(uri), ["corpus"])
+    summary = SynthRun(make_config(tmp_path / "out", corpus__source=uri_child(uri, "corpus"))).run()
+    assert summary.stages["corpus"].path == str(resolve(uri_child(uri, "corpus")))
+    for stage in ("pairs", "triplets"):
+        a, b = (read_table(root / stage).sort_by(KEYS[stage]) for root in (local, tmp_path / "out"))
+        assert a.drop_columns(["similarity"]).equals(b.drop_columns(["similarity"])), stage

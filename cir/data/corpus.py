@@ -21,11 +21,33 @@ from cir import schemas
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 
 
+def _remote(source):
+    """A `cir.storage` Location for a source on a non-local filesystem, else None."""
+    from cir.storage import Location, resolve
+
+    if isinstance(source, Location):
+        return source
+    where = resolve(source) if "://" in str(source) else None
+    return where if isinstance(where, Location) else None
+
+
+def local_source(source) -> Path:
+    """A local source as a Path: a plain path as given (~ expanded), a file:// URI as its path."""
+    from cir.storage import resolve
+
+    return resolve(source) if "://" in str(source) else Path(source).expanduser()
+
+
 def corpus_kind(source: str) -> str:
-    """'shapes', 'folder' or 'parquet' for a corpus source string."""
+    """'shapes', 'folder' or 'parquet' for a corpus source string (a URI: 'parquet')."""
     if source == "shapes":
         return "shapes"
-    path = Path(source).expanduser()
+    remote = _remote(source)
+    if remote is not None:
+        if not remote.exists():
+            raise FileNotFoundError(f"corpus not found: {remote}")
+        return "parquet"        # image folders are read from a local path
+    path = local_source(source)
     if not path.exists():
         raise FileNotFoundError(f"corpus not found: {source} (give 'shapes', an image folder or a Parquet corpus)")
     if path.is_file():
@@ -78,7 +100,7 @@ def read_captions_file(folder: Path) -> dict[str, tuple[str | None, str | None]]
 
 def scan_image_folder(folder: str | Path) -> pa.Table:
     """The corpus table (by path) of an image folder, captions joined in."""
-    folder = Path(folder).expanduser().resolve()
+    folder = local_source(folder).resolve()
     files = sorted(p for p in folder.rglob("*")
                    if p.is_file() and not _hidden(p, folder) and p.name not in CAPTION_FILES)
     if not files:
@@ -102,8 +124,20 @@ def scan_image_folder(folder: str | Path) -> pa.Table:
                     schema=schemas.CORPUS_BY_PATH)
 
 
-def parquet_corpus_files(source: str | Path) -> list[str]:
-    path = Path(source).expanduser().resolve()
+def parquet_corpus_files(source) -> list:
+    """The Parquet files of a corpus: path strings, or `cir.storage` locations for one at
+    a URI (those its `_SUCCESS.json` lists, when it is a stage another job wrote)."""
+    remote = _remote(source)
+    if remote is not None:
+        from cir.outputs import parquet_files
+        from cir.storage import refs
+
+        files = [remote] if remote.is_file() else parquet_files(remote)
+        if not files:
+            raise ValueError(f"corpus {remote} holds no Parquet files (a corpus at a URI must be a Parquet "
+                             "table; image folders are read from a local path)")
+        return refs(files)
+    path = local_source(source).resolve()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if not _hidden(p, path))
     if not files:
         raise ValueError(f"corpus {source} holds no Parquet files")

@@ -89,10 +89,7 @@ def gallery_source(gallery: str) -> tuple[str, list | pa.Table]:
         # On an object store: a synth output or a Parquet corpus (image folders are local).
         if (where / "corpus" / SUCCESS).is_file():
             where = where / "corpus"
-        files = refs(parquet_files(where))
-        if not files:
-            raise ValueError(f"gallery {where} holds no Parquet files (a gallery on {where.fs.type_name} "
-                             "must be a synth output or a Parquet corpus)")
+        files = corpus_io.parquet_corpus_files(where)
         corpus_io.check_parquet_corpus(files, needs_captions=False)
         return "parquet", files
     path = where

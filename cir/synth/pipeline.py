@@ -10,17 +10,15 @@ process and by the Ray Data tasks on other nodes. The caller has done `ray.init(
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cir import schemas
 from cir.data import corpus as corpus_io
-from cir.outputs import OutputDir, count_rows, parquet_files, read_table, write_table
+from cir.outputs import OutputDir, count_rows, parquet_file, parquet_files, read_table, write_table
 from cir.progress import log
-from cir.storage import ray_read_parquet, refs, remove_tree, split
+from cir.storage import ray_read_parquet, refs, remove_tree, resolve, split
 from cir.synth.config import SynthConfig
 
 STAGES = ("corpus", "captions", "embeddings", "pairs", "triplets")   # captions: only when asked
@@ -83,7 +81,7 @@ class SynthRun:
     def _check_folder_captions(self) -> None:
         if not self._captions_needed():
             return
-        folder = Path(self.cfg.corpus.source)
+        folder = corpus_io.local_source(self.cfg.corpus.source)
         if corpus_io.read_captions_file(folder) is None:
             raise ValueError(
                 f"image folder {folder} has no {' or '.join(corpus_io.CAPTION_FILES)}, "
@@ -122,9 +120,9 @@ class SynthRun:
     def stage_corpus(self) -> StageResult:
         c = self.cfg.corpus
         if self.kind == "parquet":
-            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in self.corpus_files)
-            self.fingerprints["corpus"] = {"source": str(Path(c.source).resolve())}
-            return StageResult(rows, 0.0, str(Path(c.source).resolve()), True, {"kind": "parquet"})
+            rows = sum(parquet_file(f).metadata.num_rows for f in self.corpus_files)
+            self.fingerprints["corpus"] = {"source": str(resolve(c.source))}
+            return StageResult(rows, 0.0, str(resolve(c.source)), True, {"kind": "parquet"})
         if self.kind == "shapes":
             fp = {"source": "shapes", **asdict(c.shapes)}
 
@@ -135,7 +133,7 @@ class SynthRun:
                                    image_size=c.shapes.image_size, family_size=c.shapes.family_size)
                 return {"kind": "shapes"}
         else:
-            fp = {"source": str(Path(c.source).resolve())}
+            fp = {"source": str(resolve(c.source))}
 
             def work(tmp):
                 write_table(self.folder_corpus, tmp, self.cfg.rows_per_file)
@@ -174,7 +172,6 @@ class SynthRun:
         def work(tmp):
             from cir.embed import embed, write_embeddings
             from cir.encoders import validate_encoder_name
-            from cir.outputs import parquet_file
             from cir.raycluster import gpus_per_actor
 
             schema = parquet_file(self.corpus_files[0]).schema_arrow
