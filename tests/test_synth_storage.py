@@ -4,9 +4,11 @@ local run, resumed and refused the same way.
 * a SubTreeFileSystem over a temp folder: its paths ("runs/shapes/...") mean nothing to
   os or pathlib, so any reader or writer (in this process or a Ray Data task) that
   fell back to the local disk would miss the tables or write beside them;
+  The quality filter's branch (a scratch folder, `rejected/`) runs there too, and the
+  composer's training sources read the output back;
 * a file:// URI through the job's command line;
-* an S3 endpoint, when CIR_TEST_S3_URI names one (`conftest.s3_test_uri`); skipped
-  otherwise.
+* an S3 endpoint, when CIR_TEST_S3_URI names one (`conftest.s3_test_uri`): the job's
+  output, and a Parquet corpus read from there; skipped otherwise.
 """
 from __future__ import annotations
 
