@@ -26,11 +26,11 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cir import schemas
-from cir.outputs import parquet_files, read_table
+from cir.outputs import count_rows, read_table
 from cir.progress import log
+from cir.storage import split
 
 PRECISIONS = ("fp32", "bf16")
 # Init seed of the weights an encoder spec does not load (a built-in config): every
@@ -156,21 +156,23 @@ class EmbedReport(NamedTuple):
     bad: list[dict]         # {"image_id", "error"} of each image that could not be read
 
 
-def write_embeddings(embedded, folder: Path, model: str, rows_per_file: int = 50_000) -> EmbedReport:
+def write_embeddings(embedded, folder, model: str, rows_per_file: int = 50_000) -> EmbedReport:
     """Run the stage's output dataset and write its readable rows into `folder` (a
     stage's temporary folder) as an embeddings table, the model and dim in its schema
-    metadata. Unreadable images are logged by id and returned."""
+    metadata (`folder`: a local path or a `cir.storage` location). Unreadable images are
+    logged by id and returned."""
     from ray.data.expressions import col
 
     encoded = embedded.materialize()
     bad = encoded.filter(expr=col("error").is_not_null()).select_columns(["image_id", "error"]).take_all()
     good = encoded.filter(expr=col("error").is_null()).select_columns(["image_id", "embedding"])
     dim = good.schema().base_schema.field("embedding").type.list_size
-    good.write_parquet(str(folder), schema=schemas.embeddings_schema(dim, model),
+    fs, path = split(folder)
+    good.write_parquet(path, filesystem=fs, schema=schemas.embeddings_schema(dim, model),
                        min_rows_per_file=min(rows_per_file, 10_000))
     for row in bad:
         log(f"embeddings: skipped {row['image_id']}: {row['error']}")
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(folder))
+    rows = count_rows(folder)
     return EmbedReport(rows, dim, [{"image_id": r["image_id"], "error": r["error"]} for r in bad])
 
 
@@ -183,7 +185,7 @@ class Embeddings(NamedTuple):
         return {i: n for n, i in enumerate(self.ids)}
 
 
-def read_embeddings(folder: Path) -> Embeddings:
+def read_embeddings(folder) -> Embeddings:
     """An embeddings table, sorted by id so that results do not depend on the order in
     which Ray Data wrote its shards."""
     table = read_table(folder)

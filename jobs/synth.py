@@ -28,7 +28,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/local.yaml)")
     p.add_argument("--corpus", help="'shapes', an image folder, or a Parquet corpus (overrides corpus.source)")
-    p.add_argument("--output", help="output folder (overrides output)")
+    p.add_argument("--output", help="output folder or URI: s3://bucket/run, gs://bucket/run, file:///mnt/x "
+                                    "(overrides output)")
     p.add_argument("--model", help="encoder model, e.g. cir-tiny, ViT-B-32, ViT-L-14/openai")
     p.add_argument("--backend", help="text-generation backend (overrides generate.backend)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -57,7 +58,7 @@ def print_summary(summary, seconds: float) -> None:
     if counts and counts.get("dropped") is not None:
         dropped = ", ".join(f"{reason} {n}" for reason, n in counts["dropped"].items()) or "none"
         print(f"\nfilter: {counts['kept']} of {counts['candidates']} generated texts kept; dropped: {dropped}"
-              f"{' (see ' + str(Path(summary.output) / 'rejected') + ')' if counts['dropped'] else ''}; "
+              f"{' (see ' + summary.rejected + ')' if counts['dropped'] else ''}; "
               f"{counts['kept_without_reverse_text']} kept without a reverse text")
     if summary.bad_images:
         print(f"\n{len(summary.bad_images)} unreadable file(s) skipped:")

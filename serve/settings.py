@@ -3,6 +3,7 @@ through `build_app`'s annotation. Unknown keys are refused (Serve's own config s
 drops them silently, so a typo there would pass unnoticed)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -92,8 +93,15 @@ class ServeSettings(Strict):
     def folders(self):
         """The index/ and gallery/ stages of the index job's output, both committed."""
         from cir.outputs import OutputDir
+        from cir.storage import resolve
 
-        out = OutputDir(self.index)
+        where = resolve(self.index)
+        if not isinstance(where, Path):
+            # FAISS maps the shard files and the gallery reads row groups from a local disk.
+            raise ValueError(f"serving reads an index from a local folder, not {where}: copy its stages down "
+                             f"first (cir.outputs.copy_output(uri, folder, ['index', 'gallery'])) and give "
+                             f"that folder")
+        out = OutputDir(where)
         for stage in ("index", "gallery"):
             if not out.done(stage):
                 raise FileNotFoundError(f"{out.root} has no finished {stage}/ stage: build it with "

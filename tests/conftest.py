@@ -57,6 +57,25 @@ def shapes_synth(ray_session, tmp_path_factory):
     return out, SynthRun(shapes_synth_config(out)).run()
 
 
+def s3_test_uri() -> str | None:
+    """A fresh URI under CIR_TEST_S3_URI (an S3-compatible endpoint for the storage tests,
+    e.g. a moto or MinIO server: `s3://KEY:SECRET@bucket/prefix?endpoint_override=127.0.0.1:5055`
+    `&scheme=http&region=us-east-1&allow_bucket_creation=true`), or None when unset."""
+    import uuid
+
+    base = os.environ.get("CIR_TEST_S3_URI")
+    if not base:
+        return None
+    path, _, query = base.partition("?")
+    return f"{path.rstrip('/')}/{uuid.uuid4().hex[:8]}" + (f"?{query}" if query else "")
+
+
+def uri_child(uri: str, name: str) -> str:
+    """`uri`/`name`, the URI's options kept at the end."""
+    path, _, query = uri.partition("?")
+    return f"{path.rstrip('/')}/{name}" + (f"?{query}" if query else "")
+
+
 MINED_STAGES = ("corpus", "embeddings", "pairs")
 
 

@@ -117,3 +117,66 @@ def test_empty_shards_and_a_too_small_budget_are_refused_before_any_shard_is_bui
         with pytest.raises(ValueError, match=error):
             IndexRun(IndexJobConfig(gallery=cfg.gallery, output=str(out), **index)).run()
         assert sorted(p.name for p in out.iterdir()) == ["embeddings"]        # nothing half-written left
+
+
+def _search_copy(src, local: Path, vectors):
+    """Copy an index job's output down (what a server needs first) and search it: the
+    manifest's checksums are checked by ShardedIndex.load; serving's settings take it."""
+    from cir.outputs import copy_output
+    from serve.settings import ServeSettings
+
+    copy_output(src, local, ["index", "gallery"])
+    index, gallery = ServeSettings(index=str(local)).folders()
+    assert read_table(gallery).num_rows == 60
+    return ShardedIndex.load(index).search(vectors, 5)
+
+
+def test_index_job_on_a_filesystem_that_is_not_the_local_disk(index_run, tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from cir.outputs import SUCCESS
+    from cir.storage import resolve
+    from serve.settings import ServeSettings
+
+    cfg, results = index_run
+    monkeypatch.chdir(tmp_path)
+    fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+    remote = IndexJobConfig(gallery=cfg.gallery, output="runs/index", shards=2)
+    got = IndexRun(remote, filesystem=fs).run()
+    assert not (tmp_path / "runs").exists(), "a stage wrote to the local disk"
+    assert [got[s]["rows"] for s in ("embeddings", "index", "gallery")] == \
+        [results[s]["rows"] for s in ("embeddings", "index", "gallery")]
+    assert got["index"]["shard_rows"] == results["index"]["shard_rows"]
+    root = resolve("runs/index", filesystem=fs)
+    import json
+
+    attempt = json.loads((root / "index" / SUCCESS).read_text())["files"][0].split("/")[0]
+    assert attempt.startswith("attempt-") and not (root / "index" / attempt / "_by_shard").exists()
+    ids, vectors, _ = read_embeddings(f"{cfg.output}/embeddings")
+    for (scores, top), image_id in zip(_search_copy(root, tmp_path / "copy", vectors[:10]), ids[:10]):
+        assert scores[0] == pytest.approx(1.0, abs=1e-5) and image_id in top[scores >= scores[0] - 1e-6]
+    assert all(r["skipped"] for r in IndexRun(remote, filesystem=fs).run().values())
+    with pytest.raises(ValueError, match="from a local folder"):
+        ServeSettings(index="s3://bucket/index?region=us-east-1").folders()
+
+
+def test_index_job_on_s3_from_a_gallery_on_s3(index_run, tmp_path):
+    import pyarrow.fs as pafs
+
+    from conftest import s3_test_uri, uri_child
+    from cir.storage import resolve
+
+    uri = s3_test_uri()
+    if uri is None:
+        pytest.skip("CIR_TEST_S3_URI names no S3 endpoint")
+    cfg, results = index_run
+    gallery = resolve(uri_child(uri, "gallery"))
+    gallery.mkdir()
+    pafs.copy_files(cfg.gallery, gallery.path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=gallery.fs)
+    remote = IndexJobConfig(gallery=uri_child(uri, "gallery"), output=uri_child(uri, "out"), shards=2)
+    got = IndexRun(remote).run()
+    assert got["index"]["shard_rows"] == results["index"]["shard_rows"]
+    ids, vectors, _ = read_embeddings(f"{cfg.output}/embeddings")
+    (scores, top), = _search_copy(remote.output, tmp_path / "copy", vectors[:1])
+    assert top[0] == ids[0] or scores[0] == pytest.approx(scores[1])

@@ -21,11 +21,33 @@ from cir import schemas
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 
 
+def _remote(source):
+    """A `cir.storage` Location for a source on a non-local filesystem, else None."""
+    from cir.storage import Location, resolve
+
+    if isinstance(source, Location):
+        return source
+    where = resolve(source) if "://" in str(source) else None
+    return where if isinstance(where, Location) else None
+
+
+def local_source(source) -> Path:
+    """A local source as a Path: a plain path as given (~ expanded), a file:// URI as its path."""
+    from cir.storage import resolve
+
+    return resolve(source) if "://" in str(source) else Path(source).expanduser()
+
+
 def corpus_kind(source: str) -> str:
-    """'shapes', 'folder' or 'parquet' for a corpus source string."""
+    """'shapes', 'folder' or 'parquet' for a corpus source string (a URI: 'parquet')."""
     if source == "shapes":
         return "shapes"
-    path = Path(source).expanduser()
+    remote = _remote(source)
+    if remote is not None:
+        if not remote.exists():
+            raise FileNotFoundError(f"corpus not found: {remote}")
+        return "parquet"        # image folders are read from a local path
+    path = local_source(source)
     if not path.exists():
         raise FileNotFoundError(f"corpus not found: {source} (give 'shapes', an image folder or a Parquet corpus)")
     if path.is_file():
@@ -78,7 +100,7 @@ def read_captions_file(folder: Path) -> dict[str, tuple[str | None, str | None]]
 
 def scan_image_folder(folder: str | Path) -> pa.Table:
     """The corpus table (by path) of an image folder, captions joined in."""
-    folder = Path(folder).expanduser().resolve()
+    folder = local_source(folder).resolve()
     files = sorted(p for p in folder.rglob("*")
                    if p.is_file() and not _hidden(p, folder) and p.name not in CAPTION_FILES)
     if not files:
@@ -102,34 +124,54 @@ def scan_image_folder(folder: str | Path) -> pa.Table:
                     schema=schemas.CORPUS_BY_PATH)
 
 
-def parquet_corpus_files(source: str | Path) -> list[str]:
-    path = Path(source).expanduser().resolve()
+def parquet_corpus_files(source) -> list:
+    """The Parquet files of a corpus: path strings, or `cir.storage` locations for one at
+    a URI (those its `_SUCCESS.json` lists, when it is a stage another job wrote)."""
+    remote = _remote(source)
+    if remote is not None:
+        from cir.outputs import parquet_files
+        from cir.storage import refs
+
+        files = [remote] if remote.is_file() else parquet_files(remote)
+        if not files:
+            raise ValueError(f"corpus {remote} holds no Parquet files (a corpus at a URI must be a Parquet "
+                             "table; image folders are read from a local path)")
+        return refs(files)
+    path = local_source(source).resolve()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if not _hidden(p, path))
     if not files:
         raise ValueError(f"corpus {source} holds no Parquet files")
     return [str(f) for f in files]
 
 
-def check_parquet_corpus(files: list[str], needs_captions: bool) -> pa.Schema:
-    """Schema of a Parquet corpus after checking its columns and that it has rows."""
-    schema = pq.read_schema(files[0])
+def check_parquet_corpus(files: list, needs_captions: bool) -> pa.Schema:
+    """Schema of a Parquet corpus after checking its columns and that it has rows.
+    `files`: paths, or `cir.storage` locations (a corpus the synth job wrote to a URI)."""
+    from cir.outputs import parquet_file
+
+    schema = parquet_file(files[0]).schema_arrow
     what = f"Parquet corpus {files[0]}"
     schemas.require_columns(schema, ["image_id"], what)
     if "image" not in schema.names and "path" not in schema.names:
         raise ValueError(f"{what} needs an 'image' (bytes) or a 'path' column; it has {', '.join(schema.names)}")
     if needs_captions:
         schemas.require_columns(schema, ["caption"], f"{what} (the text backend needs captions)")
-    if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
+    if sum(parquet_file(f).metadata.num_rows for f in files) == 0:
         raise ValueError(f"corpus {files[0]} is empty (0 rows)")
     return schema
 
 
-def read_captions(files: list[str]) -> pa.Table:
-    """image_id, caption, category of a corpus (absent columns come back null)."""
+def read_captions(files: list) -> pa.Table:
+    """image_id, caption, category of a corpus (absent columns come back null); `files`
+    as `check_parquet_corpus`'s."""
+    from cir.storage import split
+
     tables = []
     for f in files:
-        names = pq.read_schema(f).names
-        t = pq.read_table(f, columns=[c for c in ("image_id", "caption", "category") if c in names])
+        fs, where = split(f)
+        names = pq.read_schema(where, filesystem=fs).names
+        t = pq.read_table(where, columns=[c for c in ("image_id", "caption", "category") if c in names],
+                          filesystem=fs)
         for col in ("caption", "category"):
             if col not in t.column_names:
                 t = t.append_column(col, pa.nulls(t.num_rows, pa.string()))

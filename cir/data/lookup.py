@@ -8,14 +8,15 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict
 
-import pyarrow.parquet as pq
-
 
 class KeyedParquet:
     def __init__(self, files, key: str = "image_id", keep=(), cached_groups: int = 32):
-        """`keep`: columns held in memory beside the key (small metadata)."""
-        files = [str(f) for f in files]
-        self.files = [pq.ParquetFile(f) for f in files]
+        """`files`: paths or `cir.storage` locations; `keep`: columns held in memory beside
+        the key (small metadata)."""
+        from cir.outputs import parquet_file
+
+        files = list(files)
+        self.files = [parquet_file(f) for f in files]
         if not self.files:
             raise FileNotFoundError("no Parquet files to read")
         self.keys: list = []

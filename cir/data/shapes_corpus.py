@@ -33,6 +33,8 @@ import pyarrow.parquet as pq
 from cir.data.edits import apply_edit, diff, edit_text, random_edit
 from cir.data.shapes import Scene, caption, random_scene, render
 from cir.outputs import atomic_path
+from cir import storage
+from cir.storage import resolve
 from cir.schemas import CORPUS, TRIPLETS, require_columns
 
 BENCHMARK_FORMAT = "cir-shapes-benchmark"
@@ -98,12 +100,12 @@ def _png(scene: Scene, image_size: int, seed: int) -> bytes:
 
 @contextmanager
 def _atomic_dir(out_dir, overwrite: bool):
-    """Yield a temporary sibling folder; on success it replaces `out_dir`.
+    """Yield a temporary folder (`cir.outputs.atomic_path`); on success it replaces `out_dir`.
 
     An existing non-empty `out_dir` is an error unless `overwrite`, checked before any
     work so a long write does not fail at the very end.
     """
-    out = Path(out_dir)
+    out = resolve(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
     with atomic_path(out, directory=True) as tmp:
@@ -158,21 +160,31 @@ def write_corpus(out_dir, n_images: int, seed: int = 0, image_size: int = 64,
     `category` the family, "family-0012". Every scene appears once, and only scenes of
     the "corpus" partition are used, so no corpus shares a scene with a benchmark.
     """
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        write_corpus_files(tmp, n_images, seed, image_size, family_size, rows_per_shard)
+    return resolve(out_dir)
+
+
+def write_corpus_files(folder, n_images: int, seed: int = 0, image_size: int = 64,
+                       family_size: int = 8, rows_per_shard: int = 4096) -> None:
+    """`write_corpus`'s shards into `folder` (local or a `cir.storage` location), with no
+    commit of their own: for a folder that is already a stage's temporary one."""
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
-    with _atomic_dir(out_dir, overwrite) as tmp:
-        plan = corpus_scenes(n_images, seed, family_size)
-        render_seeds = _stream(seed, _CORPUS_STREAM, _RENDER).integers(2**31, size=len(plan))
-        for shard, start in enumerate(range(0, len(plan), rows_per_shard)):
-            idx = range(start, min(start + rows_per_shard, len(plan)))
-            table = _corpus_table(
-                [f"shapes-{i:06d}" for i in idx],
-                [_png(plan[i][0], image_size, int(render_seeds[i])) for i in idx],
-                [caption(plan[i][0]) for i in idx],
-                [f"family-{plan[i][1]:04d}" for i in idx],
-            )
-            pq.write_table(table, tmp / f"part-{shard:05d}.parquet")
-    return Path(out_dir)
+    folder = resolve(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = corpus_scenes(n_images, seed, family_size)
+    render_seeds = _stream(seed, _CORPUS_STREAM, _RENDER).integers(2**31, size=len(plan))
+    for shard, start in enumerate(range(0, len(plan), rows_per_shard)):
+        idx = range(start, min(start + rows_per_shard, len(plan)))
+        table = _corpus_table(
+            [f"shapes-{i:06d}" for i in idx],
+            [_png(plan[i][0], image_size, int(render_seeds[i])) for i in idx],
+            [caption(plan[i][0]) for i in idx],
+            [f"family-{plan[i][1]:04d}" for i in idx],
+        )
+        fs, where = storage.split(folder / f"part-{shard:05d}.parquet")
+        pq.write_table(table, where, filesystem=fs)
 
 
 # ----------------------------------------------------------------------- benchmark

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cir.benchmarks.shapes import ShapesBenchmarkConfig
 from cir.embed import EmbedSettings
+from cir.storage import local_path
 
 # The default image/text encoder of every eval run: the only place it is named.
 DEFAULT_ENCODER = "cir-tiny"
@@ -64,6 +65,8 @@ class EvalConfig:
             raise ValueError(f"encode.rows_per_block must be >= 1, got {self.encode.rows_per_block}")
         if self.subset_predictions and not self.predictions:
             raise ValueError("--subset-predictions needs --predictions")
+        if self.output:
+            local_path(self.output, "output")     # results and submission files go to a local disk
 
 
 def config_dict(cfg: EvalConfig) -> dict:

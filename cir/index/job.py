@@ -13,11 +13,16 @@ Stages, each a table folder under the output, committed like the synth job's
                 shard reads its own rows only and writes its FAISS and ids files; the
                 driver writes the manifest (`cir.index.build`)
     gallery     image_id, caption, category and a JPEG thumbnail per image (Ray Data)
+
+The output may be a URI (`s3://`, `gs://`) or a path on a given pyarrow filesystem
+(`cir.storage`), as may a gallery that is a synth output or a Parquet corpus: each
+shard task writes its FAISS files locally and uploads them into the stage's attempt
+folder, which the stage's marker commits. Serving maps index files from a local disk.
 """
 from __future__ import annotations
 
 import io
-import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +34,8 @@ from cir.data import corpus as corpus_io
 from cir.embed import EmbedSettings
 from cir.index.build import (MANIFEST, IndexParams, IndexPlan, check_shard_sizes, index_manifest, plan_index,
                              shard_of, train_index, write_shard)
-from cir.outputs import OutputDir, parquet_files, write_json_atomic
+from cir.outputs import SUCCESS, OutputDir, parquet_file, parquet_files, write_json_atomic
+from cir.storage import Location, ray_read_parquet, refs, remove_tree, resolve, split, upload, walk_files
 
 GALLERY_SCHEMA = pa.schema([("image_id", pa.string()), ("caption", pa.string()), ("category", pa.string()),
                             ("thumbnail", pa.binary()), ("reference", pa.binary())])
@@ -74,13 +80,21 @@ class IndexJobConfig:
             validate_encoder_name(self.encoder)
 
 
-def gallery_source(gallery: str) -> tuple[str, list[str] | pa.Table]:
+def gallery_source(gallery: str) -> tuple[str, list | pa.Table]:
     """('parquet', files) or ('folder', table of paths) for a gallery argument."""
-    path = Path(gallery).expanduser()
-    if (path / "corpus" / "_SUCCESS.json").is_file():      # a synth output
-        path = path / "corpus"
     if str(gallery) == "shapes":
         raise ValueError("the index job needs images: give a synth output, a Parquet corpus or an image folder")
+    where = resolve(gallery) if "://" in str(gallery) else Path(gallery).expanduser()
+    if isinstance(where, Location):
+        # On an object store: a synth output or a Parquet corpus (image folders are local).
+        if (where / "corpus" / SUCCESS).is_file():
+            where = where / "corpus"
+        files = corpus_io.parquet_corpus_files(where)
+        corpus_io.check_parquet_corpus(files, needs_captions=False)
+        return "parquet", files
+    path = where
+    if (path / "corpus" / "_SUCCESS.json").is_file():      # a synth output
+        path = path / "corpus"
     kind = corpus_io.corpus_kind(str(path))
     if kind == "parquet":
         files = corpus_io.parquet_corpus_files(path)
@@ -89,7 +103,7 @@ def gallery_source(gallery: str) -> tuple[str, list[str] | pa.Table]:
     return "folder", corpus_io.scan_image_folder(path)
 
 
-def partition_by_shard(files: list[str], n_shards: int, folder: Path) -> list[list[str]]:
+def partition_by_shard(files: list, n_shards: int, folder) -> list[list]:
     """The embeddings rows split by shard into `folder` (Ray Data: a shard column from
     `shard_of`, then write_parquet partitioned on it, which names Hive-style folders
     `shard=<i>`), so that each shard's task reads its own rows only; rows without an
@@ -101,13 +115,20 @@ def partition_by_shard(files: list[str], n_shards: int, folder: Path) -> list[li
         batch = batch.filter(pc.is_valid(batch.column("embedding")))
         return batch.append_column("shard", pa.array(shard_of(batch.column("image_id").to_pylist(), n_shards)))
 
-    ray.data.read_parquet(files).select_columns(["image_id", "embedding"]).map_batches(
-        with_shard, batch_format="pyarrow").write_parquet(str(folder), partition_cols=["shard"])
-    return [sorted(str(f) for f in (folder / f"shard={i}").glob("*.parquet")) for i in range(n_shards)]
+    fs, path = split(folder)
+    ray_read_parquet(files).select_columns(["image_id", "embedding"]).map_batches(
+        with_shard, batch_format="pyarrow").write_parquet(path, filesystem=fs, partition_cols=["shard"])
+    return [refs(f for f in walk_files(folder / f"shard={i}") if f.name.endswith(".parquet"))
+            for i in range(n_shards)]
 
 
-def rows_in(files: list[str]) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+def rows_in(files: list) -> int:
+    return sum(parquet_file(f).metadata.num_rows for f in files)
+
+
+def _read(f, columns: list[str]) -> pa.Table:
+    fs, path = split(f)
+    return pq.read_table(path, columns=columns, filesystem=fs)
 
 
 def train_from_files(files: list[str], plan: IndexPlan, dim: int, gpu, seed: int = 0) -> np.ndarray:
@@ -120,20 +141,27 @@ def train_from_files(files: list[str], plan: IndexPlan, dim: int, gpu, seed: int
         fraction = min(1.0, plan.train_rows / rows_in(files))
         parts = []
         for i, f in enumerate(files):
-            vectors = embedding_matrix(pq.read_table(f, columns=["embedding"]).column("embedding"))
+            vectors = embedding_matrix(_read(f, ["embedding"]).column("embedding"))
             parts.append(vectors[np.random.default_rng([seed, i]).random(len(vectors)) < fraction])
         sample = np.concatenate(parts)
     return train_index(plan, dim, sample, gpu)
 
 
-def build_shard_from_partition(files: list[str], shard: int, folder: str, params: IndexParams, plan: IndexPlan,
-                               trained: np.ndarray) -> dict:
-    """A Ray task: one shard's rows (its partition's files) indexed into `folder`."""
+def build_shard_from_partition(files: list, shard: int, folder: str | Location, params: IndexParams,
+                               plan: IndexPlan, trained: np.ndarray) -> dict:
+    """A Ray task: one shard's rows (its partition's files) indexed into `folder`; on an
+    object store FAISS writes into a local temp folder and the files are uploaded."""
     from cir.schemas import embedding_matrix
 
-    table = pa.concat_tables([pq.read_table(f, columns=["image_id", "embedding"]) for f in files])
-    return write_shard(Path(folder), shard, table.column("image_id").to_pylist(),
-                       embedding_matrix(table.column("embedding")), params, plan, trained)
+    table = pa.concat_tables([_read(f, ["image_id", "embedding"]) for f in files])
+    ids, vectors = table.column("image_id").to_pylist(), embedding_matrix(table.column("embedding"))
+    if not isinstance(folder, Location):
+        return write_shard(Path(folder), shard, ids, vectors, params, plan, trained)
+    with tempfile.TemporaryDirectory(prefix="cir-shard-") as local:
+        entry = write_shard(Path(local), shard, ids, vectors, params, plan, trained)
+        for name in (entry["index"], entry["ids"]):
+            upload(Path(local) / name, folder / name)
+    return entry
 
 
 class Thumbnailer:
@@ -174,11 +202,12 @@ class Thumbnailer:
 
 
 class IndexRun:
-    def __init__(self, cfg: IndexJobConfig):
+    def __init__(self, cfg: IndexJobConfig, filesystem=None):
+        """`filesystem`: a pyarrow FileSystem that `cfg.output` is a path on (else a path or URI)."""
         cfg.validate()
         self.cfg = cfg
         self.kind, self.source = gallery_source(cfg.gallery)   # bad galleries fail before Ray starts
-        self.out = OutputDir(cfg.output)
+        self.out = OutputDir(cfg.output, filesystem)
 
     def images(self):
         import ray
@@ -186,13 +215,13 @@ class IndexRun:
         from cir.raycluster import dataset_from_table
 
         if self.kind == "parquet":
-            names = pq.read_schema(self.source[0]).names
+            names = self._columns()
             keep = [c for c in ("image_id", "image", "path", "caption", "category") if c in names]
-            return ray.data.read_parquet(self.source).select_columns(keep)
+            return ray_read_parquet(self.source).select_columns(keep)
         return dataset_from_table(self.source, self.cfg.encode.batch_size * 4)
 
     def _source_fingerprint(self) -> dict:
-        return {"gallery": str(Path(self.cfg.gallery).expanduser().resolve()), "kind": self.kind}
+        return {"gallery": str(resolve(self.cfg.gallery)), "kind": self.kind}
 
     def run(self) -> dict:
         self.out.clean_stale()
@@ -212,7 +241,7 @@ class IndexRun:
         manifest, skipped = self.out.run_stage(name, fingerprint, work)
         return {**manifest, "skipped": skipped}
 
-    def _embeddings(self, tmp: Path) -> dict:
+    def _embeddings(self, tmp) -> dict:
         from cir.embed import embed, write_embeddings
 
         ds = self.images().select_columns([c for c in ("image_id", "image", "path")
@@ -224,15 +253,14 @@ class IndexRun:
         return {"rows": report.rows, "dim": report.dim, "bad_images": report.bad}
 
     def _columns(self) -> list[str]:
-        return pq.read_schema(self.source[0]).names if self.kind == "parquet" else self.source.column_names
+        return parquet_file(self.source[0]).schema_arrow.names if self.kind == "parquet" else self.source.column_names
 
-    def _index(self, tmp: Path) -> dict:
+    def _index(self, tmp) -> dict:
         import ray
 
         params, dim = self.cfg.index, self.out.manifest("embeddings")["dim"]
         scratch = tmp / "_by_shard"         # inside the stage's temp folder: gone if the stage fails
-        parts = partition_by_shard([str(f) for f in parquet_files(self.out.path("embeddings"))],
-                                   self.cfg.shards, scratch)
+        parts = partition_by_shard(refs(parquet_files(self.out.path("embeddings"))), self.cfg.shards, scratch)
         sizes = [rows_in(p) for p in parts]
         check_shard_sizes(sizes)
         plan = plan_index(params, max(sizes), dim)      # a budget too small is refused here, before any work
@@ -241,17 +269,19 @@ class IndexRun:
         trained = ray.remote(num_cpus=1, num_gpus=gpus)(train_from_files).remote(
             [f for p in parts for f in p], plan, dim, params.gpu)     # each shard task waits for it
         task = ray.remote(num_cpus=1)(build_shard_from_partition)
-        shards = ray.get([task.remote(p, i, str(tmp), params, plan, trained) for i, p in enumerate(parts)])
-        shutil.rmtree(scratch)              # the index folder holds the shards and the manifest only
+        target = tmp if isinstance(tmp, Location) else str(tmp)
+        shards = ray.get([task.remote(p, i, target, params, plan, trained) for i, p in enumerate(parts)])
+        remove_tree(scratch)                # the index folder holds the shards and the manifest only
         manifest = index_manifest(self.cfg.encoder, dim, params, shards, self.cfg.image_encoder)
         write_json_atomic(tmp / MANIFEST, manifest)
         return {"rows": manifest["rows"], "shard_rows": [s["rows"] for s in shards], "factory": plan.factory}
 
-    def _gallery(self, tmp: Path) -> dict:
+    def _gallery(self, tmp) -> dict:
         import ray
 
+        fs, path = split(tmp)
         self.images().map_batches(Thumbnailer, fn_constructor_args=(self.cfg.thumbnail_size, self.cfg.reference_size),
                                   batch_size=GALLERY_ROW_GROUP, batch_format="pyarrow",
                                   compute=ray.data.ActorPoolStrategy(size=1)).write_parquet(
-            str(tmp), schema=GALLERY_SCHEMA, row_group_size=GALLERY_ROW_GROUP)
-        return {"rows": sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(tmp))}
+            path, filesystem=fs, schema=GALLERY_SCHEMA, row_group_size=GALLERY_ROW_GROUP)
+        return {"rows": rows_in(parquet_files(tmp))}

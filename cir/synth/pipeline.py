@@ -2,22 +2,23 @@
 
 Each stage writes one table folder under the output directory (see `cir.outputs`):
 a rerun with the same output skips finished stages, and a stage whose settings
-changed is refused rather than silently reused. The caller has done `ray.init()`.
+changed is refused rather than silently reused. The output may be a local folder, a
+URI (`s3://`, `gs://`, `file://`) or a path on a given pyarrow filesystem
+(`cir.storage`): every table is read and written through that filesystem, by this
+process and by the Ray Data tasks on other nodes. The caller has done `ray.init()`.
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cir import schemas
 from cir.data import corpus as corpus_io
-from cir.outputs import OutputDir, parquet_files, read_table, write_table
+from cir.outputs import OutputDir, count_rows, parquet_file, parquet_files, read_table, write_table
 from cir.progress import log
+from cir.storage import ray_read_parquet, refs, remove_tree, resolve, split
 from cir.synth.config import SynthConfig
 
 STAGES = ("corpus", "captions", "embeddings", "pairs", "triplets")   # captions: only when asked
@@ -41,24 +42,28 @@ class SynthSummary:
     output: str
     stages: dict[str, StageResult]
     bad_images: list[dict]
+    rejected: str = ""      # where the quality filter's dropped rows are
 
 
-def _count_rows(folder: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(folder))
+def _file_refs(folder) -> list:
+    """A table's files as the readers take them: path strings locally, locations elsewhere."""
+    return refs(parquet_files(folder))
 
 
 class SynthRun:
-    """One run of the synth job over an output folder."""
+    """One run of the synth job over an output folder: `cfg.output` is a path or a URI, or
+    a path on `filesystem` (any pyarrow FileSystem, e.g. an S3FileSystem with its own
+    endpoint and credentials)."""
 
-    def __init__(self, cfg: SynthConfig):
+    def __init__(self, cfg: SynthConfig, filesystem=None):
         cfg.validate()
         self.cfg = cfg
-        self.out = OutputDir(cfg.output)
+        self.out = OutputDir(cfg.output, filesystem)     # refused credentials fail here
         self.kind = corpus_kind = corpus_io.corpus_kind(cfg.corpus.source)
         from cir.generate import build_backend
 
         self.backend = build_backend(cfg.generate)
-        self.corpus_files: list[str] = []
+        self.corpus_files: list = []     # path strings, or cir.storage locations
         self.fingerprints: dict[str, dict] = {}
         # Fail on bad input before any output exists.
         if corpus_kind == "parquet":
@@ -76,7 +81,7 @@ class SynthRun:
     def _check_folder_captions(self) -> None:
         if not self._captions_needed():
             return
-        folder = Path(self.cfg.corpus.source)
+        folder = corpus_io.local_source(self.cfg.corpus.source)
         if corpus_io.read_captions_file(folder) is None:
             raise ValueError(
                 f"image folder {folder} has no {' or '.join(corpus_io.CAPTION_FILES)}, "
@@ -99,14 +104,14 @@ class SynthRun:
         results["pairs"] = self.stage_pairs()
         results["triplets"] = self.stage_triplets()
         bad = self.out.manifest("embeddings").get("bad_images", [])
-        return SynthSummary(str(self.out.root), results, bad)
+        return SynthSummary(str(self.out.root), results, bad, str(self.out.path("rejected")))
 
     def _run_stage(self, name: str, fingerprint: dict, work) -> StageResult:
         self.fingerprints[name] = fingerprint
 
         def commit(tmp):
             extra = work(tmp) or {}
-            return {"rows": _count_rows(tmp), "extra": {k: v for k, v in extra.items() if k != "bad_images"},
+            return {"rows": count_rows(tmp), "extra": {k: v for k, v in extra.items() if k != "bad_images"},
                     "bad_images": extra.get("bad_images", [])}
 
         m, skipped = self.out.run_stage(name, fingerprint, commit)
@@ -115,27 +120,27 @@ class SynthRun:
     def stage_corpus(self) -> StageResult:
         c = self.cfg.corpus
         if self.kind == "parquet":
-            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in self.corpus_files)
-            self.fingerprints["corpus"] = {"source": str(Path(c.source).resolve())}
-            return StageResult(rows, 0.0, str(Path(c.source).resolve()), True, {"kind": "parquet"})
+            rows = sum(parquet_file(f).metadata.num_rows for f in self.corpus_files)
+            self.fingerprints["corpus"] = {"source": str(resolve(c.source))}
+            return StageResult(rows, 0.0, str(resolve(c.source)), True, {"kind": "parquet"})
         if self.kind == "shapes":
             fp = {"source": "shapes", **asdict(c.shapes)}
 
-            def work(tmp: Path):
-                from cir.data.shapes_corpus import write_corpus
+            def work(tmp):
+                from cir.data.shapes_corpus import write_corpus_files
 
-                write_corpus(tmp / "shapes", c.shapes.n_images, seed=c.shapes.seed,
-                             image_size=c.shapes.image_size, family_size=c.shapes.family_size)
+                write_corpus_files(tmp / "shapes", c.shapes.n_images, seed=c.shapes.seed,
+                                   image_size=c.shapes.image_size, family_size=c.shapes.family_size)
                 return {"kind": "shapes"}
         else:
-            fp = {"source": str(Path(c.source).resolve())}
+            fp = {"source": str(resolve(c.source))}
 
-            def work(tmp: Path):
+            def work(tmp):
                 write_table(self.folder_corpus, tmp, self.cfg.rows_per_file)
                 return {"kind": "folder"}
 
         result = self._run_stage("corpus", fp, work)
-        self.corpus_files = [str(f) for f in parquet_files(self.out.path("corpus"))]
+        self.corpus_files = _file_refs(self.out.path("corpus"))
         return result
 
     def stage_captions(self) -> StageResult:
@@ -146,35 +151,32 @@ class SynthRun:
                                             "max_words": self.cfg.filter.max_words},
               "corpus": self.fingerprints["corpus"]}
 
-        def work(tmp: Path):
-            import ray
-
+        def work(tmp):
             from cir.synth.captions import caption_dataset
 
             before = corpus_io.read_captions(self.corpus_files).column("caption").null_count
-            caption_dataset(ray.data.read_parquet(self.corpus_files), c, self.cfg.filter).write_parquet(
-                str(tmp), min_rows_per_file=min(self.cfg.rows_per_file, 10_000))
-            after = corpus_io.read_captions([str(f) for f in parquet_files(tmp)]).column("caption").null_count
+            fs, path = split(tmp)
+            caption_dataset(ray_read_parquet(self.corpus_files), c, self.cfg.filter).write_parquet(
+                path, filesystem=fs, min_rows_per_file=min(self.cfg.rows_per_file, 10_000))
+            after = corpus_io.read_captions(_file_refs(tmp)).column("caption").null_count
             return {"missing_before": before, "missing_after": after, "captioner": c.captioner}
 
         result = self._run_stage("captions", fp, work)
-        self.corpus_files = [str(f) for f in parquet_files(self.out.path("captions"))]
+        self.corpus_files = _file_refs(self.out.path("captions"))
         return result
 
     def stage_embeddings(self) -> StageResult:
         e = self.cfg.encode
         fp = {"model": e.model, "corpus": self.fingerprints["corpus"]}
 
-        def work(tmp: Path):
-            import ray
-
+        def work(tmp):
             from cir.embed import embed, write_embeddings
             from cir.encoders import validate_encoder_name
             from cir.raycluster import gpus_per_actor
 
-            schema = pq.read_schema(self.corpus_files[0])
+            schema = parquet_file(self.corpus_files[0]).schema_arrow
             columns = ["image_id"] + [c for c in ("image", "path") if c in schema.names]
-            images = ray.data.read_parquet(self.corpus_files).select_columns(columns)
+            images = ray_read_parquet(self.corpus_files).select_columns(columns)
             name = str(validate_encoder_name(e.model))
             report = write_embeddings(embed(images, e.model, e), tmp, name, self.cfg.rows_per_file)
             if report.rows == 0:
@@ -188,7 +190,7 @@ class SynthRun:
         m = self.cfg.mine
         fp = {**asdict(m), "embeddings": self.fingerprints["embeddings"]}
 
-        def work(tmp: Path):
+        def work(tmp):
             from cir.embed import read_embeddings
             from cir.mining import mine_pairs
 
@@ -218,7 +220,7 @@ class SynthRun:
         if self.backend.needs_corpus:
             self.backend.corpus_files = self.corpus_files
 
-        def work(tmp: Path):
+        def work(tmp):
             pairs = with_captions(read_table(self.out.path("pairs")), corpus_io.read_captions(self.corpus_files))
             if pairs.num_rows == 0:
                 raise ValueError("mining found no pairs in the similarity band; widen mine.band or raise mine.k")
@@ -260,7 +262,7 @@ class SynthRun:
             return None
         return {"cfg": self.cfg.filter, "encoder": self._direction_encoder(), "threads": self.cfg.encode.torch_threads}
 
-def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, folder: Path, rejected: Path,
+def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, folder, rejected,
                       generate, rows_per_file: int) -> dict | None:
     """Run `backend` over `pairs` and write the triplets into `folder`.
 
@@ -270,7 +272,7 @@ def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, fol
     (with `drop_reason` and `direction_score`, into `rejected`) and the counts are read
     back from it. Returns {"candidates", "kept", "dropped": {reason: count},
     "kept_without_reverse_text"}, or None without a filter (then only empty texts are
-    dropped)."""
+    dropped). The folders are local paths or `cir.storage` locations."""
     import ray
     from ray.data.expressions import col
 
@@ -281,28 +283,31 @@ def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, fol
     n_blocks = max(1, min(pairs.num_rows // generate.batch_size, 8 * generate.num_actors))
     candidates = backend.apply(dataset_from_table(pairs, -(-pairs.num_rows // n_blocks)))
     write = {"schema": schemas.TRIPLETS, "min_rows_per_file": min(rows_per_file, 10_000)}
-    shutil.rmtree(rejected, ignore_errors=True)    # a previous run's, for other triplets
+    remove_tree(rejected)    # a previous run's, for other triplets
+    fs, path = split(folder)
     if quality_filter is None:
         candidates.filter(expr=col("text") != "").select_columns(list(schemas.TRIPLETS.names)).write_parquet(
-            str(folder), **write)
+            path, filesystem=fs, **write)
         return None
     scratch = folder / "_candidates"
     candidates.map_batches(QualityFilter, fn_constructor_kwargs=quality_filter, batch_size=generate.batch_size,
                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1)
-                           ).write_parquet(str(scratch))
+                           ).write_parquet(split(scratch)[1], filesystem=fs)
     try:
-        counts = ray.data.read_parquet(str(scratch)).select_columns(["drop_reason"]).groupby("drop_reason").count()
+        rows = ray.data.read_parquet(split(scratch)[1], filesystem=fs)
+        counts = rows.select_columns(["drop_reason"]).groupby("drop_reason").count()
         by_reason = {row["drop_reason"]: row["count()"] for row in counts.take_all()}
-        rows = ray.data.read_parquet(str(scratch))
         kept = rows.filter(expr=col("drop_reason") == "")
-        kept.select_columns(list(schemas.TRIPLETS.names)).write_parquet(str(folder), **write)
+        kept.select_columns(list(schemas.TRIPLETS.names)).write_parquet(path, filesystem=fs, **write)
         without_reverse = kept.filter(expr=col("reverse_text").is_null()).count()
         if any(n for reason, n in by_reason.items() if reason):
             internal = [c for c in ("direction", "repeats") if c in rows.schema().names]
             with atomic_path(rejected, directory=True) as tmp:
-                rows.filter(expr=col("drop_reason") != "").drop_columns(internal).write_parquet(str(tmp))
+                tmp_fs, tmp_path = split(tmp)
+                rows.filter(expr=col("drop_reason") != "").drop_columns(internal).write_parquet(
+                    tmp_path, filesystem=tmp_fs)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
     return {"candidates": sum(by_reason.values()), "kept": by_reason.get("", 0),
             "dropped": {reason: n for reason, n in sorted(by_reason.items()) if reason},
             "kept_without_reverse_text": without_reverse}

@@ -55,6 +55,13 @@ class GeneratorDataConfig:
                                    seed=self.seed)
 
     def validate(self, where: str, task: str) -> None:
+        from cir.storage import local_path
+
+        # The generator's data readers (its Ray Data workers included) read local paths.
+        for name, value in (("synth_dir", self.synth_dir), ("corpus", self.corpus),
+                            ("rehearse.synth_dir", self.rehearse.synth_dir if self.rehearse else None)):
+            if value and value != "shapes":
+                local_path(value, f"{where}.data.{name}")
         if self.rehearse is not None:
             if task != "modification":
                 raise ValueError(f"{where}.data.rehearse mixes synth pairs into a modification stage, "

@@ -131,14 +131,14 @@ def synth_examples(data, workers: int):
 def corpus_files(data, storage: str) -> list[str]:
     """The Parquet files of a caption stage's corpus; "shapes" writes the shapes corpus
     of `data.shapes` under `storage`/corpora/ on first use (atomically)."""
-    from pathlib import Path
-
     from cir.data import corpus as corpus_io
+    from cir.storage import local_path
 
     if data.corpus != "shapes":
         return corpus_io.parquet_corpus_files(data.corpus)
     s = data.shapes
-    folder = Path(storage).resolve() / "corpora" / f"shapes-{s.n_images}-seed{s.seed}-{s.image_size}px-f{s.family_size}"
+    name = f"shapes-{s.n_images}-seed{s.seed}-{s.image_size}px-f{s.family_size}"
+    folder = local_path(storage, "run.storage") / "corpora" / name
     if not folder.is_dir():
         from cir.data.shapes_corpus import write_corpus
 

@@ -20,17 +20,19 @@ import pyarrow as pa
 from cir.embed import EmbedSettings
 from cir.outputs import atomic_path, write_json_atomic
 from cir.progress import log
+from cir.storage import local_path
 from cir.train.config import FEATURES_DIR, DataConfig, StageConfig, TrainConfig
 
 
 def run_folder(cfg: TrainConfig) -> Path:
-    """Where a run lives: one folder per stage below it."""
-    return Path(cfg.run.storage).resolve() / cfg.run.name
+    """Where a run lives: one folder per stage below it (`run.storage` is local: a path
+    or a file:// URI)."""
+    return local_path(cfg.run.storage, "run.storage") / cfg.run.name
 
 
 def features_folder(cfg: TrainConfig) -> Path:
     """The feature cache of every run under `run.storage`."""
-    return Path(cfg.run.storage).resolve() / FEATURES_DIR
+    return local_path(cfg.run.storage, "run.storage") / FEATURES_DIR
 
 
 def load_train_benchmarks(data: DataConfig) -> list:

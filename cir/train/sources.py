@@ -25,6 +25,7 @@ import pyarrow as pa
 from cir import schemas
 from cir.embed import EmbedSettings, read_embeddings
 from cir.outputs import read_table
+from cir.storage import refs, resolve
 
 EXAMPLE_COLUMNS = ("ref_feat", "tgt_feat", "text", "reverse_text", "source")
 
@@ -52,8 +53,9 @@ def synth_embeddings(folder: Path, vision_model: str):
 
 
 def synth_triplets(synth_dir: str | Path, vision_model: str, limit: int | None = None) -> pa.Table:
-    """Training examples from a synth job's output folder (triplets + embeddings)."""
-    synth_dir = Path(synth_dir)
+    """Training examples from a synth job's output (triplets + embeddings): a folder, or a
+    URI the synth job wrote to (`cir.storage`)."""
+    synth_dir = resolve(synth_dir)
     for stage in ("triplets", "embeddings"):
         if not (synth_dir / stage / "_SUCCESS.json").is_file():
             raise FileNotFoundError(f"{synth_dir / stage} is not a finished synth table; run jobs/synth.py first")
@@ -85,10 +87,10 @@ def slerp_triplets(synth_dir: str | Path, vision_model: str, alpha: float = 0.5,
         raise ValueError(f"slerp alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= synthetic_share <= 1.0:
         raise ValueError(f"synthetic_share must be in [0, 1], got {synthetic_share}")
-    synth_dir = Path(synth_dir)
+    synth_dir = resolve(synth_dir)
     emb = synth_embeddings(synth_dir / "embeddings", vision_model)
     ids, vectors = list(emb.ids), emb.vectors
-    corpus_files = [str(f) for f in parquet_files(synth_dir / "corpus")]
+    corpus_files = refs(parquet_files(synth_dir / "corpus"))
     if not corpus_files:
         raise FileNotFoundError(f"{synth_dir / 'corpus'} holds no corpus table (captions are needed)")
     caps = read_captions(corpus_files)
