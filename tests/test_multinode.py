@@ -108,6 +108,7 @@ def test_synth_outputs_equal_a_single_node_run(three_node_run, one_node_run):
     for stage, key in (("corpus", "image_id"), ("embeddings", "image_id"), ("pairs", "pair_id"),
                        ("triplets", "triplet_id")):
         a, b = _table(multi / stage, key), _table(single / stage, key)
+        print(f"\n{stage}: {a.num_rows} rows on 3 nodes, {b.num_rows} on 1")
         assert a.num_rows == b.num_rows > 0, stage
         assert a.column(key).to_pylist() == b.column(key).to_pylist(), stage
         if stage == "embeddings":
