@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from cir.outputs import atomic_path, parquet_files
+from cir.outputs import atomic_path, count_rows, parquet_files
 from cir.submission import read_json_object
 
 
@@ -37,10 +36,9 @@ class ScalingConfig:
 
 def count_triplets(synth_dir: str | Path) -> int:
     folder = Path(synth_dir) / "triplets"
-    files = parquet_files(folder) if folder.is_dir() else []
-    if not files:
+    if not folder.is_dir() or not parquet_files(folder):
         raise FileNotFoundError(f"{folder}: no triplets table (run jobs/synth.py for it first)")
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return count_rows(folder)
 
 
 def read_recalls(eval_dir: str | Path) -> dict[str, float]:

@@ -131,7 +131,7 @@ def fit_stage(cfg, stage, init_from: Path | None, dataset, n_examples: int, val,
     and install the export of its last checkpoint, with `history.json` and `curve.png`
     beside it. `cfg` has `model`, `run` and `deepspeed` sections; `extra` is added to
     the loop's config."""
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_dir = run_folder(cfg)
@@ -154,7 +154,7 @@ def fit_stage(cfg, stage, init_from: Path | None, dataset, n_examples: int, val,
         run_config=RunConfig(name=stage.name, storage_path=str(run_dir),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
         datasets={"train": dataset},
-        dataset_config=DataConfig(execution_options=ingest_options()),
+        dataset_config=ingest_config(),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
@@ -166,15 +166,15 @@ def fit_stage(cfg, stage, init_from: Path | None, dataset, n_examples: int, val,
     return export
 
 
-def ingest_options():
-    """Ray Data options for the train dataset's split among the workers: in order, so
-    that each worker gets the same rows on any cluster layout and after a restore
-    (Train's default hands blocks to the worker on the node that holds them)."""
-    from ray.train import DataConfig
+def ingest_config():
+    """Ray Train's split of the train dataset among the workers, in order, so that each
+    worker gets the same rows on any cluster layout and after a restore (Train's default
+    hands blocks to the worker on the node that holds them)."""
+    import ray.train
 
-    options = DataConfig.default_ingest_options()
+    options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
-    return options
+    return ray.train.DataConfig(execution_options=options)
 
 
 def stage_settings(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> dict:
