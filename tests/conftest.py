@@ -57,10 +57,97 @@ def shapes_synth(ray_session, tmp_path_factory):
     return out, SynthRun(shapes_synth_config(out)).run()
 
 
+# The S3 storage tests run against CIR_TEST_S3_URI. When it is unset, pytest_configure
+# starts a moto S3 server on loopback for the session (a child process: Ray Data tasks in
+# other processes reach it over TCP) and points CIR_TEST_S3_URI at a bucket there, before
+# any test module is imported and before the first ray.init, so the Ray workers inherit it.
+S3_TEST_BUCKET = "cir-test"
+S3_TEST_KEY = S3_TEST_SECRET = "testing"      # moto takes any credentials
+_MOTO_CHILD = r"""
+import logging, os, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.WARNING)     # no line per request
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+os.dup2(2, 1)                                               # anything else goes to the log
+sys.stdin.read()                                            # EOF: pytest ended, or died
+server.stop()
+"""
+_moto: dict = {}                 # "process", "log" while the session's moto server runs
+S3_SKIP_REASON = "CIR_TEST_S3_URI names no S3 endpoint"
+
+
+def _start_moto_s3() -> None:
+    """Start the session's moto S3 server, make its bucket and set CIR_TEST_S3_URI and the
+    AWS variables; on failure, say why in S3_SKIP_REASON (the S3 tests skip with it)."""
+    import select
+    import subprocess
+    import sys
+    import urllib.request
+
+    global S3_SKIP_REASON
+    missing = [m for m in ("moto", "flask", "flask_cors") if importlib.util.find_spec(m) is None]
+    if missing:
+        S3_SKIP_REASON = (f"no S3 endpoint: CIR_TEST_S3_URI is unset and {', '.join(missing)} is not installed "
+                          "for the local moto server (pip install -e '.[test]', which has moto[server])")
+        return
+    log = tempfile.TemporaryFile(prefix="cir-moto-", suffix=".log")      # no name: nothing left behind
+    process = subprocess.Popen([sys.executable, "-c", _MOTO_CHILD], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=log, text=True)
+    _moto.update(process=process, log=log)
+    try:
+        if not select.select([process.stdout], [], [], 60)[0]:
+            raise TimeoutError("no port after 60 s")
+        port = int(process.stdout.readline())     # the port, once it listens (~0.5 s)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/{S3_TEST_BUCKET}", method="PUT")
+        urllib.request.urlopen(request, timeout=60).close()
+    except Exception as exc:
+        tail = " ".join(_stop_moto_s3().split())[-600:]
+        S3_SKIP_REASON = (f"no S3 endpoint: CIR_TEST_S3_URI is unset and the local moto server did not start "
+                          f"({type(exc).__name__}: {exc}); its log: {tail or '(empty)'}")
+        return
+    # Credentials in the URI, and in the environment for every other reader: a URI
+    # rebuilt from a Location (str() drops KEY:SECRET) and the Ray workers started later.
+    os.environ.update(AWS_ACCESS_KEY_ID=S3_TEST_KEY, AWS_SECRET_ACCESS_KEY=S3_TEST_SECRET,
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    os.environ["CIR_TEST_S3_URI"] = (f"s3://{S3_TEST_KEY}:{S3_TEST_SECRET}@{S3_TEST_BUCKET}/tests"
+                                     f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
+
+
+def _stop_moto_s3() -> str:
+    """Stop the moto server; its log."""
+    process, log = _moto.pop("process"), _moto.pop("log")
+    process.stdin.close()                         # the child stops its server and exits
+    try:
+        process.wait(timeout=10)
+    except Exception:
+        process.kill()
+        process.wait()
+    process.stdout.close()
+    log.seek(0)
+    text = log.read().decode(errors="replace")
+    log.close()
+    return text
+
+
+def pytest_configure(config):
+    if not os.environ.get("CIR_TEST_S3_URI"):
+        _start_moto_s3()
+
+
+def pytest_unconfigure(config):
+    if _moto:
+        _stop_moto_s3()
+        os.environ.pop("CIR_TEST_S3_URI", None)
+
+
 def s3_test_uri() -> str | None:
     """A fresh URI under CIR_TEST_S3_URI (an S3-compatible endpoint for the storage tests,
     e.g. a moto or MinIO server: `s3://KEY:SECRET@bucket/prefix?endpoint_override=127.0.0.1:5055`
-    `&scheme=http&region=us-east-1&allow_bucket_creation=true`), or None when unset."""
+    `&scheme=http&region=us-east-1&allow_bucket_creation=true`), or None when unset.
+    Unset, pytest_configure sets it to a local moto server's bucket (moto[server] is in
+    the test extra)."""
     import uuid
 
     base = os.environ.get("CIR_TEST_S3_URI")
@@ -68,6 +155,15 @@ def s3_test_uri() -> str | None:
         return None
     path, _, query = base.partition("?")
     return f"{path.rstrip('/')}/{uuid.uuid4().hex[:8]}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture
+def s3_uri() -> str:
+    """A fresh, empty S3 URI (`s3_test_uri()`), or a skip saying why there is none."""
+    uri = s3_test_uri()
+    if uri is None:
+        pytest.skip(S3_SKIP_REASON)
+    return uri
 
 
 def uri_child(uri: str, name: str) -> str:

@@ -7,13 +7,12 @@ local run, resumed and refused the same way.
   The quality filter's branch (a scratch folder, `rejected/`) runs there too, and the
   composer's training sources read the output back;
 * a file:// URI through the job's command line;
-* an S3 endpoint, when CIR_TEST_S3_URI names one (`conftest.s3_test_uri`): the job's
-  output, and a Parquet corpus read from there; skipped otherwise.
+* an S3 endpoint (the `s3_uri` fixture: CIR_TEST_S3_URI, by default a local moto
+  server that conftest starts): the job's output, and a Parquet corpus read from there.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 from cir.outputs import SUCCESS, copy_output, read_table
 from cir.storage import Location, resolve
 from cir.synth.pipeline import SynthRun
-from conftest import MINED_STAGES, copy_mined, load_job, s3_test_uri, uri_child
+from conftest import MINED_STAGES, copy_mined, load_job, uri_child
 from conftest import shapes_synth_config as make_config
 
 STAGES = ("corpus", "embeddings", "pairs", "triplets")
@@ -126,10 +125,9 @@ def test_synth_job_refuses_an_unknown_scheme(capsys):
     assert code == 2 and "no filesystem for nosuch://" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not os.environ.get("CIR_TEST_S3_URI"), reason="CIR_TEST_S3_URI names no S3 endpoint")
-def test_synth_job_on_s3(shapes_synth, capsys):
+def test_synth_job_on_s3(s3_uri, shapes_synth, capsys):
     local, _ = shapes_synth
-    uri = s3_test_uri()
+    uri = s3_uri
     job = load_job("synth")
     assert job.main(["--output", uri, "--set", "corpus.shapes.n_images=200"]) == 0
     assert_same_tables(local, resolve(uri))
@@ -140,12 +138,11 @@ def test_synth_job_on_s3(shapes_synth, capsys):
     assert "@" not in userinfo or userinfo not in out, "credentials in the job's output"
 
 
-@pytest.mark.skipif(not os.environ.get("CIR_TEST_S3_URI"), reason="CIR_TEST_S3_URI names no S3 endpoint")
-def test_synth_reads_its_corpus_from_s3(shapes_synth, tmp_path):
+def test_synth_reads_its_corpus_from_s3(s3_uri, shapes_synth, tmp_path):
     """A Parquet corpus at a URI (here a synth output's corpus/ stage, read through its
     marker) into a local output: the same pairs and triplets as from the local corpus."""
     local, _ = shapes_synth
-    uri = s3_test_uri()
+    uri = s3_uri
     copy_output(local, resolve(uri), ["corpus"])
     summary = SynthRun(make_config(tmp_path / "out", corpus__source=uri_child(uri, "corpus"))).run()
     assert summary.stages["corpus"].path == str(resolve(uri_child(uri, "corpus")))
