@@ -215,6 +215,26 @@ def copy_output(src, dst, stages: list[str]) -> None:
                 copy_file(folder / name, tmp / (rest if first.startswith(ATTEMPT) and rest else name))
 
 
+def local_output(src, stages: list[str]) -> Path:
+    """A local folder holding the finished `stages` of the output `src`: `src` itself when
+    it is local; for a URI, a copy in this node's cache (`cir.storage.cache_dir`), made by
+    `copy_output` once per version of those stages (their markers), so that the serving
+    replicas of a node share one download. For readers that need a local disk (FAISS
+    maps its shard files)."""
+    from cir.storage import cache_dir, install_dir
+
+    out = OutputDir(src)
+    if isinstance(out.root, Path):
+        return out.root
+    for stage in stages:
+        if not out.done(stage):
+            raise FileNotFoundError(f"{out.path(stage)} is not a finished stage (no {SUCCESS})")
+    markers = "\n".join((out.path(s) / SUCCESS).read_text() for s in stages)
+    digest = hashlib.sha1(f"{out.root}\n{markers}".encode()).hexdigest()[:16]
+    return install_dir(cache_dir() / "outputs" / f"{out.root.name}-{digest}",
+                       lambda tmp: copy_output(out.root, tmp, stages))
+
+
 def write_text_atomic(path, text: str) -> Where:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -96,9 +96,15 @@ def check_query_spec(spec: str, encoder: str | None = None) -> QuerySpec:
         from cir.encoders import validate_encoder_name
 
         validate_encoder_name(encoder)
-    elif not Path(parsed.value).exists():
+    elif not _exists(parsed.value):
         raise FileNotFoundError(f"checkpoint not found: {parsed.value}")
     return parsed
+
+
+def _exists(path: str) -> bool:
+    from cir.storage import resolve
+
+    return resolve(path).exists()
 
 
 def load_query_encoder(spec: str, encoder: str | None = None, *, device: str | None = None,
@@ -129,14 +135,15 @@ def gallery_identity(spec: str, image_encoder: str | None = None) -> str:
     """What a gallery's vectors depend on, so that serving can check it encodes queries
     into the same space: the open_clip tower for an open_clip name or any baseline (all
     baselines embed the gallery with their tower's image side), the export's absolute
-    path for a checkpoint."""
+    path (or URI) for a checkpoint."""
     from cir.encoders import parse_encoder_name
+    from cir.storage import resolve
 
     if not is_query_spec(spec):
         return f"open_clip:{parse_encoder_name(spec).alias or spec.strip().removeprefix('open_clip:')}"
     parsed = parse_query_spec(spec)
     if parsed.kind == "checkpoint":
-        return f"checkpoint:{Path(parsed.value).expanduser().resolve()}"
+        return f"checkpoint:{resolve(parsed.value)}"     # an absolute path, or a URI without credentials
     if not image_encoder:
         raise ValueError(f"model {spec!r} needs an encoder name (e.g. cir-shapes)")
     return gallery_identity(image_encoder)

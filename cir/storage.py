@@ -183,15 +183,65 @@ def check_access(where: Where) -> None:
         raise StorageError(f"cannot reach {where}: {first}; {CREDENTIALS_HINT}") from exc
 
 
-def local_path(target: str | os.PathLike, what: str) -> Path:
-    """`target` as a local Path (a file:// URI too), for settings whose code still reads
-    and writes a local disk: a URI on another filesystem is refused, naming `what`,
-    instead of becoming a folder called `s3:` in the working directory."""
+def local_copy(target: str | os.PathLike | Location, what: str = "folder") -> Path:
+    """A local folder holding what `target` holds: `target` itself when it is local;
+    for a location, a copy in the local cache (`$CIR_CACHE_DIR`, default ~/.cache/cir),
+    made once per version of its files (their paths, sizes and modification times) and
+    renamed into place whole, so that the processes of one node share one download.
+    For what only loads from a local disk: safetensors, tokenizer files, FAISS indexes."""
+    import hashlib
+
     where = resolve(target)
-    if isinstance(where, Location):
-        raise StorageError(f"{what} must be a local folder (on a cluster, a shared mount), not {where}: "
-                           "only the synth and index jobs write to URIs so far (cluster/README.md, Storage)")
-    return where
+    if isinstance(where, Path):
+        return where
+    selector = pafs.FileSelector(where.path, recursive=True, allow_not_found=True)
+    try:
+        infos = sorted((i for i in where.fs.get_file_info(selector) if i.type == pafs.FileType.File),
+                       key=lambda i: i.path)
+    except OSError as exc:
+        raise StorageError(f"cannot list {what} {where}: {exc}; {CREDENTIALS_HINT}") from exc
+    if not infos:
+        raise FileNotFoundError(f"{what} {where}: no files there")
+    listing = "\n".join(f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in infos)
+    digest = hashlib.sha1(f"{where}\n{listing}".encode()).hexdigest()[:16]
+
+    def download(tmp: Path) -> None:
+        for info in infos:
+            dst = tmp / posixpath.relpath(info.path, where.path)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(dst), source_filesystem=where.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+
+    return install_dir(cache_dir() / "remote" / f"{where.name}-{digest}", download)
+
+
+def install_dir(target: Path, fill) -> Path:
+    """`target`, a local folder filled once by `fill(tmp)` and renamed into place whole;
+    when it exists already (another process of the node renamed its copy first), it is
+    kept. For caches whose name says what they hold (a digest of their source)."""
+    import shutil
+    import uuid
+
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def cache_dir() -> Path:
+    """This node's cache of copies from remote storage: $CIR_CACHE_DIR, else ~/.cache/cir."""
+    return Path(os.environ.get("CIR_CACHE_DIR") or "~/.cache/cir").expanduser()
 
 
 def split(where: str | os.PathLike | Location) -> tuple[pafs.FileSystem | None, str]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from cir.benchmarks.base import Benchmark
 from cir.outputs import write_json_atomic
+from cir.storage import Where, resolve
 
 CIRR_VERSION = "rc2"
 SERVER_KEYS = ("version", "metric")
@@ -99,13 +100,14 @@ def write_cirr_submission(
     bench: Benchmark,
     recall: Mapping[str, Sequence[str]],
     recall_subset: Mapping[str, Sequence[str]],
-    path: str | Path,
-    subset_path: str | Path | None = None,
-) -> tuple[Path, Path]:
-    """Check and write both CIRR files; the subset file defaults to `subset_<name>` beside it."""
+    path,
+    subset_path=None,
+) -> tuple[Where, Where]:
+    """Check and write both CIRR files (local paths or `cir.storage` URIs); the subset
+    file defaults to `subset_<name>` beside it."""
     main, subset = cirr_submissions(bench, recall, recall_subset)
-    path = Path(path)
-    subset_path = Path(subset_path) if subset_path else path.with_name(f"subset_{path.name}")
+    path = resolve(path)
+    subset_path = resolve(subset_path) if subset_path else path.parent / f"subset_{path.name}"
     return (write_json_atomic(path, main, indent=None, sort_keys=False),
             write_json_atomic(subset_path, subset, indent=None, sort_keys=False))
 
@@ -129,7 +131,7 @@ def circo_submission(bench: Benchmark, predictions: Mapping[str, Sequence], k: i
     return out
 
 
-def write_circo_submission(bench: Benchmark, predictions: Mapping[str, Sequence], path) -> Path:
+def write_circo_submission(bench: Benchmark, predictions: Mapping[str, Sequence], path) -> Where:
     return write_json_atomic(path, circo_submission(bench, predictions), indent=None, sort_keys=False)
 
 

@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="shapes benchmark folder (default: outputs/shapes-benchmark, written on first use)")
     p.add_argument("--predictions", help="score this JSON of ranked ids per query instead of running a model")
     p.add_argument("--subset-predictions", help="CIRR recall_subset file beside --predictions")
-    p.add_argument("--output", help="output folder (default: outputs/eval/<benchmark>-<split>-<model>)")
+    p.add_argument("--output", help="output folder or URI (default: outputs/eval/<benchmark>-<split>-<model>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. --set encode.num_actors=2 (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")

@@ -25,7 +25,7 @@ def parse_args(argv=None, doc: str = __doc__, example: str = "configs/train/shap
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
     p.add_argument("--name", help="run name (overrides run.name); same name = resume")
-    p.add_argument("--storage", help="where runs live (overrides run.storage)")
+    p.add_argument("--storage", help="where runs live: a folder or a URI, s3://... gs://... (overrides run.storage)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. --set run.num_workers=4 (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")

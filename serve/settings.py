@@ -3,7 +3,6 @@ through `build_app`'s annotation. Unknown keys are refused (Serve's own config s
 drops them silently, so a typo there would pass unnoticed)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -71,8 +70,11 @@ class LimitSettings(Strict):
         return self
 
 
+STAGES = ("index", "gallery")       # what serving reads of the index job's output
+
+
 class ServeSettings(Strict):
-    # The index job's output folder: its index/ and gallery/ stages (jobs/index.py).
+    # The index job's output folder or URI: its index/ and gallery/ stages (jobs/index.py).
     index: str = "outputs/index-local"
     # The index's shard count; one named deployment serves each shard.
     shards: int = Field(2, ge=1, le=256)
@@ -91,22 +93,18 @@ class ServeSettings(Strict):
     ingress: Deployment = Deployment(num_cpus=0.25, max_ongoing_requests=32, max_queued_requests=128)
 
     def folders(self):
-        """The index/ and gallery/ stages of the index job's output, both committed."""
-        from cir.outputs import OutputDir
-        from cir.storage import resolve
+        """The index/ and gallery/ stages of the index job's output, both committed, in a
+        local folder: an index at a URI is copied into this node's cache first, once
+        per version (FAISS maps the shard files from a local disk)."""
+        from cir.outputs import OutputDir, local_output
 
-        where = resolve(self.index)
-        if not isinstance(where, Path):
-            # FAISS maps the shard files and the gallery reads row groups from a local disk.
-            raise ValueError(f"serving reads an index from a local folder, not {where}: copy its stages down "
-                             f"first (cir.outputs.copy_output(uri, folder, ['index', 'gallery'])) and give "
-                             f"that folder")
-        out = OutputDir(where)
-        for stage in ("index", "gallery"):
+        out = OutputDir(self.index)
+        for stage in STAGES:
             if not out.done(stage):
                 raise FileNotFoundError(f"{out.root} has no finished {stage}/ stage: build it with "
                                         f"`python jobs/index.py --output {self.index}`")
-        return out.path("index"), out.path("gallery")
+        local = local_output(self.index, list(STAGES))
+        return local / "index", local / "gallery"
 
     def request_limits(self):
         from cir.serving.inputs import Limits as RequestLimits

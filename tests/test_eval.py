@@ -323,6 +323,27 @@ def test_cirr_test1_predictions_become_a_valid_submission(tmp_path):
 
 
 @needs_shared
+def test_eval_writes_its_files_to_a_bucket(tmp_path, s3_uri):
+    """--output at a URI: the same submission files as a local run, and metrics.json
+    naming where they went."""
+    from cir.storage import resolve
+
+    ann = SHARED_BENCHMARKS / "cirr"
+    bench = load_benchmark("cirr", "test1", ann)
+    preds = {q.query_id: [i for i in bench.gallery_ids[:60] if i != q.ref_id] for q in bench.queries}
+    path = tmp_path / "test1.json"
+    path.write_text(json.dumps(preds))
+    local, remote = tmp_path / "out", resolve(s3_uri)
+    for out in (local, s3_uri):
+        assert run_job("--benchmark", "cirr", "--split", "test1", "--annotations", ann,
+                       "--predictions", path, "--output", out) == 0
+    for name in ("submission_cirr_test1_recall.json", "submission_cirr_test1_recall_subset.json"):
+        assert (remote / name).read_bytes() == (local / name).read_bytes()
+    doc = json.loads((remote / "metrics.json").read_text())
+    assert doc["files"]["submission_recall"] == str(remote / "submission_cirr_test1_recall.json")
+
+
+@needs_shared
 def test_fashioniq_predictions_give_three_categories_and_the_mean(tmp_path, capsys):
     from cir.benchmarks import load_fashioniq_all
 

@@ -208,18 +208,34 @@ def test_synth_triplets_become_examples_with_their_images(template_synth):
         synth_examples(GeneratorDataConfig(synth_dir=str(template_synth.parent)), workers=1)
 
 
-def test_a_stage_pretrains_on_synth_triplets(template_synth, small_benchmark, tmp_path):
+def test_a_run_on_a_bucket_captions_its_corpus_there_and_pretrains_on_synth_triplets_there(
+        template_synth, small_benchmark, s3_uri, tmp_path):
+    """`run.storage` and the synth output at S3 URIs (the session's moto server): the
+    shapes corpus of the caption stage is written there, the pairs stage reads the synth
+    triplets and images from there, and the export loads back from the URI."""
     import json
 
+    from cir.models.generator import load_generator
+    from cir.outputs import copy_output
+    from cir.storage import resolve
     from cir.train.generator_loop import run_generator_training
+    from conftest import uri_child
 
-    cfg = generator_config(tmp_path, small_benchmark, stages=[
-        {"name": "pairs", "task": "modification", "data": {"synth_dir": str(template_synth), "limit": 48},
-         "optim": {"lr": 1e-3, "warmup_steps": 2, "epochs": 1, "micro_batch_size": 16}}])
+    synth = uri_child(s3_uri, "synth")
+    copy_output(template_synth, synth, ["corpus", "embeddings", "pairs", "triplets"])
+    optim = {"lr": 1e-3, "warmup_steps": 2, "epochs": 1, "micro_batch_size": 16}
+    cfg = generator_config(tmp_path, small_benchmark, run__storage=uri_child(s3_uri, "runs"), stages=[
+        {"name": "caption", "task": "caption", "data": {"corpus": "shapes", "shapes": {"n_images": 64, "seed": 1}},
+         "optim": optim},
+        {"name": "pairs", "task": "modification", "data": {"synth_dir": synth, "limit": 48}, "optim": optim}])
     export = run_generator_training(cfg)
-    assert (export / "model.safetensors").is_file()
+    runs = resolve(cfg.run.storage)
+    assert export == runs / "gen" / "pairs" / "export"
+    assert (runs / "corpora" / "shapes-64-seed1-64px-f8" / "_SUCCESS.json").is_file()
+    assert not (tmp_path / "runs").exists()
     assert json.loads((export / "config.json").read_text())["extra"]["task"] == "modification"
-
+    assert load_generator(str(export)).cfg.lm_layers == SMALL_LM["lm_layers"]
+    assert run_generator_training(cfg) == export
 
 
 def test_a_stage_rehearses_synth_pairs_under_their_own_prompt(template_synth, small_benchmark, tmp_path):

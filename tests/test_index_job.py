@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -156,19 +157,18 @@ def test_index_job_on_a_filesystem_that_is_not_the_local_disk(index_run, tmp_pat
     for (scores, top), image_id in zip(_search_copy(root, tmp_path / "copy", vectors[:10]), ids[:10]):
         assert scores[0] == pytest.approx(1.0, abs=1e-5) and image_id in top[scores >= scores[0] - 1e-6]
     assert all(r["skipped"] for r in IndexRun(remote, filesystem=fs).run().values())
-    with pytest.raises(ValueError, match="from a local folder"):
-        ServeSettings(index="s3://bucket/index?region=us-east-1").folders()
 
 
-def test_index_job_on_s3_from_a_gallery_on_s3(index_run, tmp_path):
+def test_index_job_on_s3_from_a_gallery_on_s3(s3_uri, index_run, tmp_path, monkeypatch):
+    """The index job reads its gallery from a bucket and writes there; serving's settings
+    take the bucket's URI and search a local copy made once (this node's cache)."""
     import pyarrow.fs as pafs
 
-    from conftest import s3_test_uri, uri_child
+    from conftest import uri_child
     from cir.storage import resolve
+    from serve.settings import ServeSettings
 
-    uri = s3_test_uri()
-    if uri is None:
-        pytest.skip("CIR_TEST_S3_URI names no S3 endpoint")
+    uri = s3_uri
     cfg, results = index_run
     gallery = resolve(uri_child(uri, "gallery"))
     gallery.mkdir()
@@ -180,3 +180,11 @@ def test_index_job_on_s3_from_a_gallery_on_s3(index_run, tmp_path):
     ids, vectors, _ = read_embeddings(f"{cfg.output}/embeddings")
     (scores, top), = _search_copy(remote.output, tmp_path / "copy", vectors[:1])
     assert top[0] == ids[0] or scores[0] == pytest.approx(scores[1])
+
+    monkeypatch.setenv("CIR_CACHE_DIR", str(tmp_path / "cache"))
+    index, gallery = ServeSettings(index=remote.output).folders()
+    assert index.parent.parent == tmp_path / "cache" / "outputs"
+    assert ServeSettings(index=remote.output).folders() == (index, gallery)     # one copy a node
+    assert read_table(gallery).num_rows == 60
+    (served_scores, served_top), = ShardedIndex.load(index).search(vectors[:1], 5)
+    assert list(served_top) == list(top) and np.allclose(served_scores, scores)

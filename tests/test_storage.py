@@ -16,7 +16,7 @@ import pytest
 
 from cir.outputs import (SUCCESS, OutputDir, StageConfigMismatch, atomic_path, parquet_files, read_table,
                          write_json_atomic, write_table)
-from cir.storage import Location, StorageError, resolve
+from cir.storage import Location, StorageError, local_copy, resolve
 
 
 def _memory_fs() -> pafs.FileSystem:
@@ -171,34 +171,35 @@ def test_copy_output_between_filesystems(remote_root, tmp_path):
         copy_output(remote_root, tmp_path / "down", ["index"])
 
 
-def test_settings_that_need_a_local_disk_refuse_a_uri_by_name(tmp_path):
-    """Where the code still reads and writes local paths, a URI is refused before any
-    work instead of becoming a folder called `s3:` in the working directory."""
+def test_job_settings_take_uris_and_refuse_unknown_schemes_by_name(tmp_path):
+    """Run storage, generator data and eval output may be URIs; a scheme pyarrow has no
+    filesystem for is refused before any work, naming the setting."""
     from cir.evaluation.config import EvalConfig
     from cir.train.config import DeepSpeedConfig, RunSettings, TrainConfig, validate_run
     from cir.train.generator_config import GeneratorDataConfig
     from cir.train.run import run_folder
 
     uri = "s3://bucket/runs?region=us-east-1"
-    with pytest.raises(StorageError, match=r"run.storage must be a local folder.*s3://bucket/runs"):
-        validate_run(RunSettings(storage=uri), DeepSpeedConfig())
-    with pytest.raises(StorageError, match=r"stages\[m\].data.synth_dir must be a local folder"):
-        GeneratorDataConfig(synth_dir=uri).validate("stages[m]", "modification")
-    with pytest.raises(StorageError, match="output must be a local folder"):
-        EvalConfig(benchmark="shapes", model="baseline:image-only", output="gs://bucket/eval").validate()
+    validate_run(RunSettings(storage=uri), DeepSpeedConfig())
+    GeneratorDataConfig(synth_dir=uri).validate("stages[m]", "modification")
+    EvalConfig(benchmark="shapes", model="baseline:image-only", encoder="cir-tiny", output="gs://bucket/eval").validate()
+    with pytest.raises(StorageError, match=r"no filesystem for foo://"):
+        validate_run(RunSettings(storage="foo://bucket/runs"), DeepSpeedConfig())
+    with pytest.raises(StorageError, match=r"stages\[m\].data.synth_dir: .*foo://"):
+        GeneratorDataConfig(synth_dir="foo://x").validate("stages[m]", "modification")
     cfg = TrainConfig()
-    cfg.run.storage = f"file://{tmp_path}/runs"          # a local disk: taken
+    cfg.run.storage = uri
+    assert str(run_folder(cfg)) == f"s3://bucket/runs/{cfg.run.name}?region=us-east-1"
+    cfg.run.storage = f"file://{tmp_path}/runs"          # a local disk: a Path
     assert run_folder(cfg) == tmp_path / "runs" / cfg.run.name
 
 
-def test_a_parquet_corpus_at_an_s3_uri(tmp_path):
+def test_a_parquet_corpus_at_an_s3_uri(s3_uri):
     """The synth job's and the index job's corpus readers on S3 (CIR_TEST_S3_URI)."""
-    from conftest import s3_test_uri, uri_child
+    from conftest import uri_child
     from cir.data import corpus as corpus_io
 
-    uri = s3_test_uri()
-    if uri is None:
-        pytest.skip("CIR_TEST_S3_URI names no S3 endpoint")
+    uri = s3_uri
     table = pa.table({"image_id": ["a", "b", "c"], "image": [b"1", b"2", b"3"],
                       "caption": ["x", None, "z"]})
     write_table(table, resolve(uri_child(uri, "corpus")), rows_per_file=2)
@@ -210,3 +211,25 @@ def test_a_parquet_corpus_at_an_s3_uri(tmp_path):
     assert corpus_io.read_captions(files).column("caption").to_pylist() == ["x", None, "z"]
     with pytest.raises(FileNotFoundError, match="corpus not found"):
         corpus_io.corpus_kind(uri_child(uri, "nothing"))
+
+
+def test_local_copy_is_made_once_per_version(tmp_path, monkeypatch):
+    """A location's files copied into the cache once; changed files get a new copy; a
+    local path is itself; an empty location is refused by name."""
+    monkeypatch.setenv("CIR_CACHE_DIR", str(tmp_path / "cache"))
+    fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+    export = resolve("runs/a/export", filesystem=fs)
+    (export / "lm").mkdir()
+    (export / "lm" / "tokenizer.json").write_text("{}")
+    (export / "config.json").write_text('{"v": 1}')
+    first = local_copy(export)
+    assert sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()) == \
+        ["config.json", "lm/tokenizer.json"]
+    assert local_copy(export) == first
+    (export / "config.json").write_text('{"v": 22}')
+    second = local_copy(export)
+    assert second != first and (second / "config.json").read_text() == '{"v": 22}'
+    assert local_copy(tmp_path) == tmp_path
+    with pytest.raises(FileNotFoundError, match="runs/b: no files"):
+        local_copy(resolve("runs/b", filesystem=fs), "export")
+    assert not [p for p in (tmp_path / "cache" / "remote").iterdir() if p.name.startswith(".")]

@@ -1,5 +1,6 @@
 """jobs/train.py's machinery under local Ray: 2-worker DeepSpeed ZeRO-2 on CPU (gloo),
-resume after a forced failure, export, and a short training that learns."""
+resume after a forced failure (with the run on a bucket), export, and a short training
+that learns."""
 from __future__ import annotations
 
 import json
@@ -18,31 +19,55 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
 
-def _history_steps(stage_dir: Path) -> list[int]:
+def _history_steps(stage_dir) -> list[int]:
     return [h["step"] for h in json.loads((stage_dir / "history.json").read_text()) if "loss" in h]
 
 
 def test_deepspeed_zero2_resumes_after_a_failure_without_lost_or_repeated_steps(
-        ray_session, tmp_path, small_benchmark):
+        ray_session, s3_uri, tmp_path, small_benchmark, monkeypatch):
+    """On a bucket (`run.storage` an S3 URI, the session's moto server): Ray Train's
+    checkpoints, the exports, history, curve and feature cache go there; the failed stage
+    resumes from its checkpoint there; the chained stage starts from the first stage's
+    export there; the export loads back from the URI; nothing touches the local disk."""
+    import torch
     from ray.train import TrainingFailedError
 
-    from cir.train.run import run_training
+    from cir.models.export import load_composer
+    from cir.storage import Location, local_copy
+    from cir.train.run import run_folder, run_training
 
+    monkeypatch.chdir(tmp_path)                  # a fallback to the local disk would write here
+    monkeypatch.setenv("CIR_CACHE_DIR", str(tmp_path / "cache"))
     bench = str(small_benchmark)
-    cfg = tiny_config(tmp_path, run__fail_at_step=6, run__checkpoint_every=4, run__report_every=2,
-                      **{"stages": [{"name": "finetune",
-                                     "data": {"source": "benchmark", "limit": 256, "benchmark_dir": bench},
-                                     "optim": {"lr": 1e-3, "warmup_steps": 2, "micro_batch_size": 16}}]})
+    optim = {"lr": 1e-3, "warmup_steps": 2, "micro_batch_size": 16}
+    cfg = tiny_config(tmp_path, run__storage=s3_uri, run__fail_at_step=6, run__checkpoint_every=4,
+                      run__report_every=2, **{"stages": [
+                          {"name": "first", "data": {"source": "benchmark", "limit": 64, "benchmark_dir": bench},
+                           "optim": {**optim, "warmup_steps": 1, "max_steps": 2}},
+                          {"name": "finetune", "data": {"source": "benchmark", "limit": 256, "benchmark_dir": bench},
+                           "optim": optim}]})
+    run = run_folder(cfg)
+    assert isinstance(run, Location)
     with pytest.raises((TrainingFailedError, RuntimeError)):
-        run_training(cfg)
-    stage_dir = tmp_path / "runs" / cfg.run.name / "finetune"
+        run_training(cfg)                        # "first" finishes; "finetune" fails after its step-4 checkpoint
+    first, stage_dir = run / "first", run / "finetune"
+    assert (first / "export" / "config.json").is_file()
     assert not (stage_dir / "export").exists()  # nothing that looks finished
+    assert (run.parent / "features").is_dir()    # the feature cache, beside the runs
     # Same name again: resumes from the step-4 checkpoint and finishes (8 steps of 2 x 16).
     export = run_training(cfg)
-    assert _history_steps(stage_dir) == [2, 4, 6, 8]
+    assert export == stage_dir / "export"
+    assert _history_steps(first) == [2] and _history_steps(stage_dir) == [2, 4, 6, 8]
     assert (export / "model.safetensors").is_file() and (stage_dir / "curve.png").is_file()
+    assert json.loads((stage_dir / "settings.json").read_text())["init_from"] == str(first / "export")
+    assert not list(tmp_path.iterdir()), "a run wrote to the local disk"
     # A third run finds the export and does nothing.
     assert run_training(cfg) == export
+    model = load_composer(str(export))           # from the URI, through the local cache
+    local = local_copy(export)
+    assert local.parent == tmp_path / "cache" / "remote" and local_copy(export) == local  # one copy
+    reference = load_composer(local).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
 
 
 def test_the_export_is_the_model_as_trained(ray_session, tmp_path, small_benchmark):

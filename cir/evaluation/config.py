@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cir.benchmarks.shapes import ShapesBenchmarkConfig
 from cir.embed import EmbedSettings
-from cir.storage import local_path
+from cir.storage import Where, resolve
 
 # The default image/text encoder of every eval run: the only place it is named.
 DEFAULT_ENCODER = "cir-tiny"
@@ -47,9 +47,9 @@ class EvalConfig:
     def mode(self) -> str:
         return "predictions" if self.predictions else "model"
 
-    def output_dir(self) -> Path:
+    def output_dir(self) -> Where:
         if self.output:
-            return Path(self.output)
+            return resolve(self.output)
         what = self.model if self.mode == "model" else "predictions-" + Path(self.predictions).stem
         if self.mode == "model" and self.model.startswith("baseline:"):
             what += "-" + self.encoder
@@ -66,7 +66,7 @@ class EvalConfig:
         if self.subset_predictions and not self.predictions:
             raise ValueError("--subset-predictions needs --predictions")
         if self.output:
-            local_path(self.output, "output")     # results and submission files go to a local disk
+            resolve(self.output)      # a local folder or a URI pyarrow can open (an unknown scheme fails here)
 
 
 def config_dict(cfg: EvalConfig) -> dict:

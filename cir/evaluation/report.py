@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Mapping
 
 from cir.benchmarks.base import Benchmark
 from cir.evaluation.score import EvalResult
 
 
-def write_outputs(result: EvalResult, benches: Mapping[str, Benchmark], out_dir: Path,
+def write_outputs(result: EvalResult, benches: Mapping[str, Benchmark], out_dir,
                   config: dict | None = None) -> dict[str, str]:
     """Write predictions (model mode), submission files (test splits without ground
-    truth: CIRR both files, CIRCO one), and metrics.json last, each atomically.
+    truth: CIRR both files, CIRCO one), and metrics.json last, each atomically, into
+    `out_dir` (a local folder or a `cir.storage` URI / location).
     Returns {what: path} of the files written."""
     from cir.outputs import write_json_atomic
+    from cir.storage import resolve
     from cir.submission import write_circo_submission, write_cirr_submission
 
-    out_dir = Path(out_dir)
+    out_dir = resolve(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     by_name = {r.name: r for r in result.results}

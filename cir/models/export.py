@@ -83,8 +83,11 @@ def preprocess_from_json(cfg: dict) -> dict:
     return pre
 
 
-def read_export_config(out_dir: str | Path) -> dict:
-    path = Path(out_dir) / CONFIG_FILE
+def read_export_config(out_dir) -> dict:
+    """The export's config.json (a local folder or a `cir.storage` URI / location)."""
+    from cir.storage import resolve
+
+    path = resolve(out_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} is not an exported composer (no {CONFIG_FILE})")
     meta = json.loads(path.read_text())
@@ -100,8 +103,9 @@ def read_export_config(out_dir: str | Path) -> dict:
     return meta
 
 
-def load_composer(out_dir: str | Path, device: str = "cpu"):
-    """Rebuild an exported composer in eval mode. Reads JSON, tokenizer files and
+def load_composer(out_dir, device: str = "cpu"):
+    """Rebuild an exported composer in eval mode from a local folder, or from a URI
+    through the local cache (`cir.storage.local_copy`). Reads JSON, tokenizer files and
     safetensors only; builds the architectures with random weights (under a forked RNG,
     so the caller's random stream is untouched) and overwrites every tensor."""
     from safetensors.torch import load_model
@@ -109,7 +113,9 @@ def load_composer(out_dir: str | Path, device: str = "cpu"):
     from cir.config import from_dict
     from cir.models.composer import Composer, ComposerConfig
 
-    out = Path(out_dir)
+    from cir.storage import local_copy
+
+    out = local_copy(out_dir, "composer export")
     meta = read_export_config(out)
     cfg = from_dict(ComposerConfig, meta["composer"], f"{out / CONFIG_FILE}: composer")
     pre = preprocess_from_json(meta["preprocess_cfg"])

@@ -307,10 +307,12 @@ def _unshared_state(model) -> dict:
 
 
 def read_generator_config(out_dir) -> dict:
+    """The export's config.json (a local folder or a `cir.storage` URI / location)."""
     import json
-    from pathlib import Path
 
-    path = Path(out_dir) / "config.json"
+    from cir.storage import resolve
+
+    path = resolve(out_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} is not an exported text generator (no config.json); "
                                 "train one with jobs/train_generator.py")
@@ -324,15 +326,15 @@ def read_generator_config(out_dir) -> dict:
 
 def load_generator(out_dir, device: str = "cpu", dtype: str | None = None) -> Generator:
     """Rebuild an exported generator in eval mode from JSON, tokenizer files and
-    safetensors only (no pickle, no hub)."""
-    from pathlib import Path
-
+    safetensors only (no pickle, no hub); a URI's export through the local cache
+    (`cir.storage.local_copy`)."""
     from safetensors.torch import load_model
 
     from cir.config import from_dict
     from cir.models.export import preprocess_from_json
+    from cir.storage import local_copy
 
-    out = Path(out_dir)
+    out = local_copy(out_dir, "text generator export")
     meta = read_generator_config(out)
     cfg = from_dict(GeneratorConfig, meta["generator"], f"{out / 'config.json'}: generator")
     pre = preprocess_from_json(meta["preprocess_cfg"])

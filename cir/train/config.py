@@ -9,7 +9,7 @@ from cir.benchmarks.shapes import DEFAULT_ROOT as SHAPES_DEFAULT_ROOT
 from cir.embed import EmbedSettings
 from cir.losses import LossConfig
 from cir.models.config import ComposerConfig
-from cir.storage import local_path
+from cir.storage import resolve
 
 SOURCES = ("synth", "slerp", "benchmark")
 BENCHMARKS = ("shapes", "cirr", "fashioniq")          # those with an annotated train split
@@ -143,9 +143,7 @@ def validate_run(run: RunSettings, deepspeed: DeepSpeedConfig) -> None:
         raise ValueError(f"deepspeed.precision must be fp32, bf16 or fp16, got {deepspeed.precision!r}")
     if run.num_workers < 1:
         raise ValueError("run.num_workers must be >= 1")
-    # Checkpoints, exports, history and the feature cache are written to a local disk
-    # (a shared mount on a cluster); Ray Train could take a URI, the rest not yet.
-    local_path(run.storage, "run.storage")
+    resolve(run.storage)      # a local folder or a URI pyarrow can open (an unknown scheme fails here)
     if run.name in ("", FEATURES_DIR) or "/" in run.name:
         raise ValueError(f"run.name {run.name!r}: a run needs a folder name of its own "
                          f"(not empty, no '/', not {FEATURES_DIR!r}, the feature cache)")

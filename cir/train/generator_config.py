@@ -55,13 +55,15 @@ class GeneratorDataConfig:
                                    seed=self.seed)
 
     def validate(self, where: str, task: str) -> None:
-        from cir.storage import local_path
+        from cir.storage import StorageError, resolve
 
-        # The generator's data readers (its Ray Data workers included) read local paths.
         for name, value in (("synth_dir", self.synth_dir), ("corpus", self.corpus),
                             ("rehearse.synth_dir", self.rehearse.synth_dir if self.rehearse else None)):
             if value and value != "shapes":
-                local_path(value, f"{where}.data.{name}")
+                try:
+                    resolve(value)      # a local path or a URI pyarrow can open
+                except StorageError as exc:
+                    raise StorageError(f"{where}.data.{name}: {exc}") from None
         if self.rehearse is not None:
             if task != "modification":
                 raise ValueError(f"{where}.data.rehearse mixes synth pairs into a modification stage, "

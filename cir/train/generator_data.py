@@ -63,30 +63,30 @@ def synth_corpus_files(root, corpus: str | None = None) -> list[str]:
     """The corpus files of a synth output folder: the table its later stages read
     (captions/, else corpus/), or `corpus` when set (a run whose corpus was a Parquet
     source has no copy of its own)."""
-    from pathlib import Path
-
     from cir.data import corpus as corpus_io
     from cir.outputs import SUCCESS, parquet_files
+    from cir.storage import refs, resolve
 
     if corpus:
         return corpus_io.parquet_corpus_files(corpus)
-    found = [Path(root) / s for s in ("captions", "corpus") if (Path(root) / s / SUCCESS).is_file()]
+    root = resolve(root)
+    found = [root / s for s in ("captions", "corpus") if (root / s / SUCCESS).is_file()]
     if not found:
         raise FileNotFoundError(f"{root} has no corpus table of its own (its corpus was a Parquet source): "
                                 "name that source as the corpus")
-    return [str(f) for f in parquet_files(found[0])]
+    return refs(parquet_files(found[0]))
 
 
 def synth_tables(data) -> tuple[list[str], list[str]]:
-    """(triplet files, corpus files) of the synth output folder `data.synth_dir`."""
-    from pathlib import Path
-
+    """(triplet files, corpus files) of the synth output folder `data.synth_dir` (a
+    local folder or a URI: paths or `cir.storage` locations)."""
     from cir.outputs import SUCCESS, parquet_files
+    from cir.storage import refs, resolve
 
-    root = Path(data.synth_dir)
+    root = resolve(data.synth_dir)
     if not (root / "triplets" / SUCCESS).is_file():
         raise FileNotFoundError(f"{root / 'triplets'} is not a finished synth table; run jobs/synth.py first")
-    return [str(f) for f in parquet_files(root / "triplets")], synth_corpus_files(root, data.corpus)
+    return refs(parquet_files(root / "triplets")), synth_corpus_files(root, data.corpus)
 
 
 class PairImages:
@@ -117,8 +117,10 @@ def synth_examples(data, workers: int):
     """(Ray Dataset of example rows, number of rows) of a synth output's triplets."""
     import ray
 
+    from cir.storage import ray_read_parquet
+
     triplets, corpus = synth_tables(data)
-    ds = ray.data.read_parquet(triplets).select_columns(["ref_id", "tgt_id", "text", "reverse_text"])
+    ds = ray_read_parquet(triplets).select_columns(["ref_id", "tgt_id", "text", "reverse_text"])
     ds = ds.limit(data.limit) if data.limit else ds
     ds = ds.map_batches(PairImages, fn_constructor_args=(corpus, data.reverse, data.prompt), batch_format="pyarrow",
                         batch_size=256, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)))
@@ -128,23 +130,29 @@ def synth_examples(data, workers: int):
     return ds, ds.count()
 
 
-def corpus_files(data, storage: str) -> list[str]:
+def corpus_files(data, storage: str) -> list:
     """The Parquet files of a caption stage's corpus; "shapes" writes the shapes corpus
-    of `data.shapes` under `storage`/corpora/ on first use (atomically)."""
+    of `data.shapes` under `storage`/corpora/ on first use (a committed `OutputDir`
+    stage, on a local disk or a bucket)."""
+    from dataclasses import asdict
+
     from cir.data import corpus as corpus_io
-    from cir.storage import local_path
+    from cir.outputs import OutputDir, parquet_files
+    from cir.storage import refs, resolve
 
     if data.corpus != "shapes":
         return corpus_io.parquet_corpus_files(data.corpus)
     s = data.shapes
     name = f"shapes-{s.n_images}-seed{s.seed}-{s.image_size}px-f{s.family_size}"
-    folder = local_path(storage, "run.storage") / "corpora" / name
-    if not folder.is_dir():
-        from cir.data.shapes_corpus import write_corpus
+    corpora = OutputDir(resolve(storage) / "corpora")
+    if not corpora.done(name):
+        from cir.data.shapes_corpus import write_corpus_files
 
-        log(f"corpus: writing {s.n_images} shapes images (seed {s.seed}) into {folder}")
-        write_corpus(folder, s.n_images, seed=s.seed, image_size=s.image_size, family_size=s.family_size)
-    return corpus_io.parquet_corpus_files(folder)
+        log(f"corpus: writing {s.n_images} shapes images (seed {s.seed}) into {corpora.path(name)}")
+        with corpora.stage(name, asdict(s)) as (tmp, manifest):
+            write_corpus_files(tmp, s.n_images, seed=s.seed, image_size=s.image_size, family_size=s.family_size)
+            manifest["rows"] = s.n_images
+    return refs(parquet_files(corpora.path(name)))
 
 
 def caption_examples(data, storage: str):
@@ -153,6 +161,7 @@ def caption_examples(data, storage: str):
     from ray.data.expressions import col
 
     from cir.data import corpus as corpus_io
+    from cir.storage import ray_read_parquet
 
     files = corpus_files(data, storage)
     schema = corpus_io.check_parquet_corpus(files, needs_captions=True)
@@ -161,7 +170,7 @@ def caption_examples(data, storage: str):
     if data.limit:
         n = min(n, data.limit)
     columns = [c for c in ("image", "path") if c in schema.names] + ["caption"]
-    ds = ray.data.read_parquet(files).select_columns(columns).filter(expr=col("caption").is_not_null())
+    ds = ray_read_parquet(files).select_columns(columns).filter(expr=col("caption").is_not_null())
     if data.limit:
         ds = ds.limit(data.limit)
     rename = {"image": "a_image", "path": "a_path", "caption": "text"}
@@ -175,10 +184,11 @@ def modification_texts(data) -> list[str]:
     from cir.train.run import load_train_benchmarks
 
     if data.synth_dir:
-        import pyarrow.parquet as pq
+        from cir.outputs import read_table
+        from cir.storage import resolve
 
         columns = ["text", "reverse_text"] if data.reverse else ["text"]
-        table = pa.concat_tables([pq.read_table(f, columns=columns) for f in synth_tables(data)[0]])
+        table = read_table(resolve(data.synth_dir) / "triplets", columns=columns)
         table = table.slice(0, data.limit) if data.limit else table
         return [t for c in columns for t in table.column(c).to_pylist() if t]
     texts = []

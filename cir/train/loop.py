@@ -102,7 +102,9 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("init_from"):
         from safetensors.torch import load_model
 
-        load_model(composer, str(Path(config["init_from"]) / "model.safetensors"), strict=True)
+        from cir.train.run import init_weights
+
+        load_model(composer, init_weights(config["init_from"]), strict=True)
     engine = Engine(build_objective(composer, stage.loss).to(device), stage,
                     from_dict(DeepSpeedConfig, config["deepspeed"], "deepspeed"), world, config["total_steps"], device)
     val = ray.get(config["val"]) if config.get("val") is not None else None

@@ -1,7 +1,7 @@
 """Driver side of `jobs/train.py`: examples, Ray Train `TorchTrainer`, stage chaining.
 
-Layout under `run.storage`/`run.name`/: one folder per stage holding Ray Train's
-checkpoints, `export/` (the stage's model: safetensors + JSON, what evaluation and
+Layout under `run.storage`/`run.name`/ (a local folder, or a URI on any pyarrow
+filesystem: `cir.storage`): one folder per stage holding Ray Train's checkpoints, `export/` (the stage's model: safetensors + JSON, what evaluation and
 serving load), `history.json` and `curve.png`. Beside the runs, `run.storage`/features/
 holds the frozen vision tower's embeddings of the benchmark images the stages use
 (`cir.train.features`), shared by stages, reruns and runs on the same images and tower. A stage whose export exists is done;
@@ -20,19 +20,18 @@ import pyarrow as pa
 from cir.embed import EmbedSettings
 from cir.outputs import atomic_path, write_json_atomic
 from cir.progress import log
-from cir.storage import local_path
+from cir.storage import Location, Where, local_copy, resolve, upload
 from cir.train.config import FEATURES_DIR, DataConfig, StageConfig, TrainConfig
 
 
-def run_folder(cfg: TrainConfig) -> Path:
-    """Where a run lives: one folder per stage below it (`run.storage` is local: a path
-    or a file:// URI)."""
-    return local_path(cfg.run.storage, "run.storage") / cfg.run.name
+def run_folder(cfg: TrainConfig) -> Where:
+    """Where a run lives: one folder per stage below it, on a local disk or a bucket."""
+    return resolve(cfg.run.storage) / cfg.run.name
 
 
-def features_folder(cfg: TrainConfig) -> Path:
+def features_folder(cfg: TrainConfig) -> Where:
     """The feature cache of every run under `run.storage`."""
-    return local_path(cfg.run.storage, "run.storage") / FEATURES_DIR
+    return resolve(cfg.run.storage) / FEATURES_DIR
 
 
 def load_train_benchmarks(data: DataConfig) -> list:
@@ -49,7 +48,7 @@ def load_train_benchmarks(data: DataConfig) -> list:
     return [load_benchmark(name, data.split, data.annotations, data.images)]
 
 
-def build_examples(data: DataConfig, vision: str, features: Path, embed: EmbedSettings | None = None) -> pa.Table:
+def build_examples(data: DataConfig, vision: str, features: Where, embed: EmbedSettings | None = None) -> pa.Table:
     """A stage's training examples; benchmark images are encoded into `features`."""
     from cir.train import sources
 
@@ -61,7 +60,7 @@ def build_examples(data: DataConfig, vision: str, features: Path, embed: EmbedSe
     return sources.benchmark_triplets(load_train_benchmarks(data), vision, features, embed, data.limit)
 
 
-def build_val(benchmark_dir: str, vision: str, split: str, limit: int, features: Path,
+def build_val(benchmark_dir: str, vision: str, split: str, limit: int, features: Where,
               embed: EmbedSettings | None = None) -> dict:
     """Features, texts and indices of a shapes split, for recall during training: the
     first `limit` queries against the split's whole gallery."""
@@ -100,7 +99,7 @@ def _use_gpu(setting) -> bool:
     return bool(setting)
 
 
-def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> Path:
+def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Where | None) -> Where:
     """Train one composer stage (or resume it); returns its export folder."""
     import ray
 
@@ -125,8 +124,8 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> P
                      ("val_recall@1", "val_recall@10"))
 
 
-def fit_stage(cfg, stage, init_from: Path | None, dataset, n_examples: int, val, loop, curve_metrics=(),
-              extra: dict | None = None) -> Path:
+def fit_stage(cfg, stage, init_from: Where | None, dataset, n_examples: int, val, loop, curve_metrics=(),
+              extra: dict | None = None) -> Where:
     """Run `loop` on Ray Train over `dataset` (its "train" dataset, `n_examples` rows)
     and install the export of its last checkpoint, with `history.json` and `curve.png`
     beside it. `cfg` has `model`, `run` and `deepspeed` sections; `extra` is added to
@@ -145,13 +144,14 @@ def fit_stage(cfg, stage, init_from: Path | None, dataset, n_examples: int, val,
         loop,
         train_loop_config={
             "stage": asdict(stage), "run": asdict(cfg.run), "deepspeed": asdict(cfg.deepspeed),
-            "model": asdict(cfg.model), "init_from": str(init_from) if init_from else None,
+            # a Location itself (it carries its filesystem's credentials; its str() does not)
+            "model": asdict(cfg.model), "init_from": init_from,
             "total_steps": total, "steps_per_epoch": steps_per_epoch, "val": val, **(extra or {}),
         },
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker,
                                                            **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=stage.name, storage_path=str(run_dir),
+        run_config=RunConfig(name=stage.name, **train_storage(run_dir),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
         datasets={"train": dataset},
         dataset_config=ingest_config(),
@@ -166,6 +166,19 @@ def fit_stage(cfg, stage, init_from: Path | None, dataset, n_examples: int, val,
     return export
 
 
+def train_storage(run_dir: Where) -> dict:
+    """RunConfig's storage arguments: Ray Train writes the checkpoints there itself."""
+    if isinstance(run_dir, Location):
+        return {"storage_path": run_dir.path, "storage_filesystem": run_dir.fs}
+    return {"storage_path": str(run_dir)}
+
+
+def init_weights(init_from) -> str:
+    """The safetensors file of the export a stage starts from, on this node's disk (a
+    bucket's export is copied into the local cache once per node)."""
+    return str(local_copy(init_from, "the previous stage's export") / "model.safetensors")
+
+
 def ingest_config():
     """Ray Train's split of the train dataset among the workers, in order, so that each
     worker gets the same rows on any cluster layout and after a restore (Train's default
@@ -177,7 +190,7 @@ def ingest_config():
     return ray.train.DataConfig(execution_options=options)
 
 
-def stage_settings(cfg: TrainConfig, stage: StageConfig, init_from: Path | None) -> dict:
+def stage_settings(cfg: TrainConfig, stage: StageConfig, init_from: Where | None) -> dict:
     """What a stage's checkpoints and export depend on (JSON-normalised)."""
     return json.loads(json.dumps({
         "model": asdict(cfg.model), "stage": asdict(stage), "deepspeed": asdict(cfg.deepspeed),
@@ -185,7 +198,7 @@ def stage_settings(cfg: TrainConfig, stage: StageConfig, init_from: Path | None)
     }))
 
 
-def claim_stage(stage_dir: Path, settings: dict) -> None:
+def claim_stage(stage_dir: Where, settings: dict) -> None:
     """Tie a stage folder to its settings: re-running a run name with other settings
     would otherwise resume from (or skip to) a model trained with the old ones."""
     path = stage_dir / "settings.json"
@@ -200,13 +213,20 @@ def claim_stage(stage_dir: Path, settings: dict) -> None:
     write_json_atomic(path, settings, sort_keys=False)
 
 
-def _install(src: Path, dst: Path) -> None:
-    """Copy a finished export into place atomically."""
-    with atomic_path(dst) as tmp:
-        shutil.copytree(src, tmp)
+def _install(src: Path, dst: Where) -> None:
+    """Copy a finished export into place: locally by a rename; on a bucket, which has
+    none, file by file with config.json (what marks an export done) uploaded last."""
+    if isinstance(dst, Path):
+        with atomic_path(dst) as tmp:
+            shutil.copytree(src, tmp)
+        return
+    dst.rmtree()
+    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.name == "config.json")
+    for f in files:
+        upload(f, dst / f.relative_to(src).as_posix())
 
 
-def plot_curve(history: list[dict], path: Path, title: str, metrics=("val_recall@1", "val_recall@10")) -> None:
+def plot_curve(history: list[dict], path: Where, title: str, metrics=("val_recall@1", "val_recall@10")) -> None:
     """Train loss, and the validation `metrics` (percent) on a second axis."""
     import matplotlib
 
@@ -246,7 +266,7 @@ def check_run_settings(cfg: TrainConfig) -> None:
         init_from = stage_dir / "export"
 
 
-def run_training(cfg: TrainConfig) -> Path:
+def run_training(cfg: TrainConfig) -> Where:
     """All stages in order, each from the previous stage's export; returns the last."""
     init_from = None
     for stage in cfg.stages:
