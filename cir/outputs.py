@@ -259,10 +259,12 @@ def write_table(table: pa.Table, folder, rows_per_file: int = 50_000) -> None:
         pq.write_table(part, where, filesystem=fs)
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
+def file_sha256(path) -> str:
+    """Hex sha256 of a file (a local path or a `cir.storage` URI / location), read in
+    4 MiB chunks."""
+    where = resolve(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (where.fs.open_input_stream(where.path) if isinstance(where, Location) else open(where, "rb")) as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -10,7 +10,6 @@ The pairs carry ids only; each actor reads the images by id from the corpus tabl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -116,12 +115,16 @@ class MTSTBackend(Backend):
     def fingerprint(self) -> dict:
         from cir.outputs import file_sha256
 
-        weights = Path(self.options.model) / "model.safetensors"
+        from cir.storage import resolve
+
+        weights = resolve(self.options.model) / "model.safetensors"
         return {**super().fingerprint(), "weights_sha256": file_sha256(weights)}
 
     def generator_id(self) -> str:
-        return f"{GENERATOR_PREFIX}{Path(self.options.model).resolve().parent.parent.name}/" \
-               f"{Path(self.options.model).resolve().parent.name}"
+        from cir.storage import resolve
+
+        stage = resolve(self.options.model).parent        # <run>/<stage>/export
+        return f"{GENERATOR_PREFIX}{stage.parent.name}/{stage.name}"
 
     def apply(self, pairs):
         import ray

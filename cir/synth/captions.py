@@ -67,11 +67,10 @@ class CaptionsConfig:
         fp = {"captioner": self.captioner, "model": self.model, "overwrite": self.overwrite,
               "prompt": self.prompt, "max_new_tokens": self.max_new_tokens}
         if self.captioner == "generator":
-            from pathlib import Path
-
             from cir.outputs import file_sha256
+            from cir.storage import resolve
 
-            fp["weights_sha256"] = file_sha256(Path(self.model) / "model.safetensors")
+            fp["weights_sha256"] = file_sha256(resolve(self.model) / "model.safetensors")
         if self.captioner == "vllm":
             fp["vllm"] = {"model_source": self.vllm.model_source, "engine_kwargs": self.vllm.engine_kwargs}
         return fp

@@ -280,7 +280,11 @@ def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, fol
     from cir.outputs import atomic_path
     from cir.raycluster import dataset_from_table
 
-    n_blocks = max(1, min(pairs.num_rows // generate.batch_size, 8 * generate.num_actors))
+    # Blocks of at most 16 batches: progress (and a retried task's lost work) stays a few
+    # batches long however many pairs there are; Ray Data stops a dataset whose blocks
+    # take longer than its no-progress timeout (30 min) on a slow CPU generator.
+    n_blocks = max(8 * generate.num_actors, -(-pairs.num_rows // (16 * generate.batch_size)))
+    n_blocks = max(1, min(pairs.num_rows // generate.batch_size, n_blocks))
     candidates = backend.apply(dataset_from_table(pairs, -(-pairs.num_rows // n_blocks)))
     write = {"schema": schemas.TRIPLETS, "min_rows_per_file": min(rows_per_file, 10_000)}
     remove_tree(rejected)    # a previous run's, for other triplets

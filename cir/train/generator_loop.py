@@ -9,13 +9,13 @@ a stage whose export exists is skipped, and a rerun resumes from the latest chec
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from cir.config import from_dict
 from cir.progress import log
+from cir.storage import Where
 
 CURVE_METRICS = ("val_exact",)
 
@@ -150,7 +150,7 @@ def stage_examples(stage, workers: int, storage: str):
     return dataset, n
 
 
-def run_generator_training(cfg) -> Path:
+def run_generator_training(cfg) -> Where:
     """All stages in order, each from the previous stage's export; returns the last."""
     import ray
 
