@@ -64,6 +64,53 @@ def test_resume_redoes_only_the_missing_stage(shapes_synth, tmp_path):
     assert _sorted(read_table(copy / "triplets")).equals(before)
 
 
+def test_an_interrupted_triplets_stage_generates_only_the_pairs_it_had_not_written(
+        shapes_synth, tmp_path, monkeypatch, capsys):
+    """A crash after half the pairs' texts were written: the rerun keeps those rows (one is
+    marked here to tell), deletes a file the crash cut short, generates the other half,
+    and commits the same triplets as an undisturbed run; the store goes with the commit."""
+    import cir.synth.pipeline as pipeline
+    from cir.synth.triplets import generate_candidates
+
+    out, _ = shapes_synth
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = _sorted(read_table(copy / "triplets"))
+    shutil.rmtree(copy / "triplets")
+
+    def crash_halfway(backend, quality_filter, pairs, folder, rejected, generate, rows_per_file, store):
+        generate_candidates(backend, quality_filter, pairs.slice(0, pairs.num_rows // 2), store, generate)
+        raise RuntimeError("killed halfway")
+
+    monkeypatch.setattr(pipeline, "generate_triplets", crash_halfway)
+    with pytest.raises(RuntimeError, match="killed halfway"):
+        SynthRun(make_config(copy)).run()
+    monkeypatch.undo()
+    (store,) = (copy / pipeline.GENERATED).iterdir()
+    first = sorted(store.glob("*.parquet"))[0]
+    written = pq.read_table(first)
+    kept = written.column("drop_reason").to_pylist().index("") if "drop_reason" in written.column_names else 0
+    marked = written.column("triplet_id")[kept].as_py()
+    texts = written.column("text").to_pylist()
+    texts[kept] = "kept from the first run"
+    pq.write_table(written.set_column(written.schema.get_field_index("text"), "text", pa.array(texts)), first)
+    (store / "cut-short.parquet").write_bytes(first.read_bytes()[:100])
+    capsys.readouterr()
+
+    summary = SynthRun(make_config(copy)).run()
+    assert [name for name, r in summary.stages.items() if not r.skipped] == ["triplets"]
+    log = capsys.readouterr().err
+    n = summary.stages["triplets"].extra["pairs"]
+    assert f"{n // 2} of {n} pairs' texts kept from an interrupted run" in log
+    assert "cut short" in log and not (copy / pipeline.GENERATED).exists()
+    after = _sorted(read_table(copy / "triplets"))
+    row = after.column("triplet_id").to_pylist().index(marked)
+    assert after.column("text")[row].as_py() == "kept from the first run"
+    assert after.drop_columns(["text"]).equals(before.drop_columns(["text"]))
+    assert after.column("text").to_pylist()[:row] + after.column("text").to_pylist()[row + 1:] == \
+        before.column("text").to_pylist()[:row] + before.column("text").to_pylist()[row + 1:]
+
+
 def test_changed_settings_are_not_silently_reused(shapes_synth, tmp_path):
     out, _ = shapes_synth
     copy = tmp_path / "out"

@@ -9,6 +9,8 @@ process and by the Ray Data tasks on other nodes. The caller has done `ray.init(
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -20,8 +22,10 @@ from cir.outputs import OutputDir, count_rows, parquet_file, parquet_files, read
 from cir.progress import log
 from cir.storage import ray_read_parquet, refs, remove_tree, resolve, split
 from cir.synth.config import SynthConfig
+from cir.synth.triplets import generate_triplets
 
 STAGES = ("corpus", "captions", "embeddings", "pairs", "triplets")   # captions: only when asked
+GENERATED = "_generated"     # the triplets stage's generated rows until it is committed
 
 
 @dataclass
@@ -234,10 +238,19 @@ class SynthRun:
                 pairs = pairs.append_column("direction", pair_directions(
                     pairs.column("ref_id").to_pylist(), pairs.column("tgt_id").to_pylist(), ids, vectors))
             counts = generate_triplets(self.backend, self._quality_filter(), pairs, tmp,
-                                       self.out.path("rejected"), self.cfg.generate, self.cfg.rows_per_file)
+                                       self.out.path("rejected"), self.cfg.generate, self.cfg.rows_per_file,
+                                       store / digest)
             return {"pairs": pairs.num_rows, **({"filter": counts} if counts else {})}
 
-        return self._run_stage("triplets", fp, work)
+        # Generated rows outlive a crash here (cir.synth.triplets); another digest's are stale.
+        store = self.out.path(GENERATED)
+        digest = hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
+        for other in (store.iterdir() if store.is_dir() else []):
+            if other.name != digest:
+                remove_tree(other)
+        result = self._run_stage("triplets", fp, work)
+        remove_tree(store)
+        return result
 
     # -- the quality filter of generated texts (cir.generate.quality) -----------
     def _filter_active(self) -> bool:
@@ -261,61 +274,6 @@ class SynthRun:
         if not self._filter_active():
             return None
         return {"cfg": self.cfg.filter, "encoder": self._direction_encoder(), "threads": self.cfg.encode.torch_threads}
-
-def generate_triplets(backend, quality_filter: dict | None, pairs: pa.Table, folder, rejected,
-                      generate, rows_per_file: int) -> dict | None:
-    """Run `backend` over `pairs` and write the triplets into `folder`.
-
-    With a quality filter (the QualityFilter's arguments), the filtered candidates are
-    written once to a scratch folder inside `folder` (a stage's temporary folder), so
-    that generation, the expensive part, runs once while the kept rows, the dropped ones
-    (with `drop_reason` and `direction_score`, into `rejected`) and the counts are read
-    back from it. Returns {"candidates", "kept", "dropped": {reason: count},
-    "kept_without_reverse_text"}, or None without a filter (then only empty texts are
-    dropped). The folders are local paths or `cir.storage` locations."""
-    import ray
-    from ray.data.expressions import col
-
-    from cir.generate.quality import QualityFilter
-    from cir.outputs import atomic_path
-    from cir.raycluster import dataset_from_table
-
-    # Blocks of at most 16 batches: progress (and a retried task's lost work) stays a few
-    # batches long however many pairs there are; Ray Data stops a dataset whose blocks
-    # take longer than its no-progress timeout (30 min) on a slow CPU generator.
-    n_blocks = max(8 * generate.num_actors, -(-pairs.num_rows // (16 * generate.batch_size)))
-    n_blocks = max(1, min(pairs.num_rows // generate.batch_size, n_blocks))
-    candidates = backend.apply(dataset_from_table(pairs, -(-pairs.num_rows // n_blocks)))
-    write = {"schema": schemas.TRIPLETS, "min_rows_per_file": min(rows_per_file, 10_000)}
-    remove_tree(rejected)    # a previous run's, for other triplets
-    fs, path = split(folder)
-    if quality_filter is None:
-        candidates.filter(expr=col("text") != "").select_columns(list(schemas.TRIPLETS.names)).write_parquet(
-            path, filesystem=fs, **write)
-        return None
-    scratch = folder / "_candidates"
-    candidates.map_batches(QualityFilter, fn_constructor_kwargs=quality_filter, batch_size=generate.batch_size,
-                           batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1)
-                           ).write_parquet(split(scratch)[1], filesystem=fs)
-    try:
-        rows = ray.data.read_parquet(split(scratch)[1], filesystem=fs)
-        counts = rows.select_columns(["drop_reason"]).groupby("drop_reason").count()
-        by_reason = {row["drop_reason"]: row["count()"] for row in counts.take_all()}
-        kept = rows.filter(expr=col("drop_reason") == "")
-        kept.select_columns(list(schemas.TRIPLETS.names)).write_parquet(path, filesystem=fs, **write)
-        without_reverse = kept.filter(expr=col("reverse_text").is_null()).count()
-        if any(n for reason, n in by_reason.items() if reason):
-            internal = [c for c in ("direction", "repeats") if c in rows.schema().names]
-            with atomic_path(rejected, directory=True) as tmp:
-                tmp_fs, tmp_path = split(tmp)
-                rows.filter(expr=col("drop_reason") != "").drop_columns(internal).write_parquet(
-                    tmp_path, filesystem=tmp_fs)
-    finally:
-        remove_tree(scratch)
-    return {"candidates": sum(by_reason.values()), "kept": by_reason.get("", 0),
-            "dropped": {reason: n for reason, n in sorted(by_reason.items()) if reason},
-            "kept_without_reverse_text": without_reverse}
-
 
 def sample_pairs(pairs: pa.Table, n: int) -> pa.Table:
     """At most `n` pairs, a sample that depends only on the pair ids (stable across runs
