@@ -42,11 +42,20 @@ def predictions_from_ranked(bench: Benchmark, ranked: np.ndarray) -> dict[str, l
     }
 
 
+def refuse_repeats(qid: str, ids: Sequence[str], what: str) -> None:
+    """ValueError naming the query and the image when a ranked list holds an id twice
+    (the official evaluation code stops on it; a server would count it twice)."""
+    seen: set = set()
+    for rank, i in enumerate(ids, 1):
+        if i in seen:
+            raise ValueError(f"{what}: query {qid} lists image {i!r} more than once "
+                             f"(again at rank {rank}); each image may appear once")
+        seen.add(i)
+
+
 def _checked_list(qid: str, ids: Sequence, k: int, what: str) -> list[str]:
     ids = [str(i) for i in ids]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"{what}: query {qid} lists image {dup!r} more than once")
+    refuse_repeats(qid, ids, what)
     if len(ids) < k:
         raise ValueError(f"{what}: query {qid} lists {len(ids)} images, the server expects {k}")
     return ids[:k]

@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"eval: error: {_message(exc)}", file=sys.stderr)
         return 1
+    for warning in result.info.get("warnings", ()):
+        print(f"eval: warning: {warning}", file=sys.stderr)
     print()
     print(evaluation.format_table(result))
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())

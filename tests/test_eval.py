@@ -285,6 +285,59 @@ def test_cirr_val_server_format_files(tmp_path, capsys):
 
 
 @needs_shared
+def test_predictions_the_official_code_would_refuse_are_refused_and_unofficial_numbers_are_named(tmp_path, capsys):
+    """An image listed twice and a subset list naming a non-member stop the run with an
+    error naming the query (nothing written); short lists and Recall_subset derived from
+    top-50 lists are scored, with a warning that says what the number means."""
+    ann = SHARED_BENCHMARKS / "cirr"
+    bench = load_benchmark("cirr", "val", ann)
+    good = _cirr_oracle(bench)
+    q0, q1 = bench.queries[0], bench.queries[1]
+
+    def run(preds, subset=None):
+        path, out = tmp_path / "p.json", tmp_path / "out"
+        path.write_text(json.dumps(preds))
+        argv = ["--benchmark", "cirr", "--annotations", ann, "--predictions", path, "--output", out]
+        if subset is not None:
+            (tmp_path / "s.json").write_text(json.dumps(subset))
+            argv += ["--subset-predictions", tmp_path / "s.json"]
+        rc = run_job(*argv)
+        return rc, capsys.readouterr().err, out
+
+    twice = {**good, q1.query_id: good[q1.query_id][:3] + good[q1.query_id][:1] + good[q1.query_id][3:]}
+    rc, err, out = run(twice)
+    assert rc == 2 and f"query {q1.query_id} lists image {good[q1.query_id][0]!r} more than once" in err, err
+    assert not out.exists()
+
+    members = {q.query_id: [m for m in q.subset_ids if m != q.ref_id] for q in bench.queries}
+    outsider = next(i for i in bench.gallery_ids if i not in q0.subset_ids)
+    rc, err, out = run(good, {**members, q0.query_id: [outsider] + members[q0.query_id][:2]})
+    assert rc == 2 and f"query {q0.query_id} lists {outsider!r}, not a member of its img_set" in err, err
+    assert not out.exists()
+    rc, err, _ = run(good, {**members, q0.query_id: members[q0.query_id][:1] * 2})
+    assert rc == 2 and f"query {q0.query_id} lists image" in err and "more than once" in err, err
+
+    # The full member lists are official Recall_subset: no warning at all.
+    rc, err, out = run(good, members)
+    assert rc == 0 and "warning" not in err, err
+    assert json.loads((out / "metrics.json").read_text())["info"]["warnings"] == []
+
+    short = {k: v[:10] for k, v in good.items()}
+    rc, err, out = run(short, members)
+    assert rc == 0, err
+    warning = f"{len(bench.queries)} of {len(bench.queries)} cirr queries list fewer than 50 images"
+    assert f"eval: warning: p.json: {warning}" in err and "lower bound" in err, err
+    assert any(warning in w for w in json.loads((out / "metrics.json").read_text())["info"]["warnings"])
+
+    rc, err, out = run(good)          # top-50 lists, no subset file: Recall_subset is not the official one
+    doc = json.loads((out / "metrics.json").read_text())
+    filled = doc["info"]["subset_from_ranking"]["queries_filled"]
+    assert rc == 0 and 0 < filled <= len(bench.queries)
+    assert f"for {filled} of {len(bench.queries)} queries a list does not hold every member" in err
+    assert "not comparable with the official Recall_subset" in err
+
+
+@needs_shared
 def test_cirr_test1_predictions_become_a_valid_submission(tmp_path):
     ann = SHARED_BENCHMARKS / "cirr"
     bench = load_benchmark("cirr", "test1", ann)
