@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,23 +104,38 @@ class ImageTooLarge(ValueError):
     """An image whose pixel count is over the caller's limit (a decode bomb, or just too big)."""
 
 
-def decode_image(data: bytes, max_pixels: int | None = None):
-    """Decode encoded image bytes to RGB; raises ValueError for anything unreadable, and
-    ImageTooLarge, before decoding, for more than `max_pixels` pixels."""
+def decode_image(data: bytes, max_pixels: int | None = None, formats: tuple | None = None,
+                 max_side: int | None = None):
+    """Decode encoded image bytes to RGB; raises ValueError for anything unreadable (or in
+    none of `formats`, PIL format names), and ImageTooLarge, before decoding, for more than
+    `max_pixels` pixels. With `max_side`, the image is shrunk to at most that on its longest
+    side, and a JPEG is decoded at the smallest DCT scale (1/2 .. 1/8) that keeps it at
+    least that large, so a large photo is never held at full size."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=formats) as im:
             if max_pixels and im.width * im.height > max_pixels:
                 raise ImageTooLarge(f"image is {im.width}x{im.height} pixels, over the limit of {max_pixels:,}")
+            if max_side and max(im.size) > max_side:
+                scale = max(im.size) / max_side
+                im.draft("RGB", (math.ceil(im.width / scale), math.ceil(im.height / scale)))
             im.load()
-            return im.convert("RGB")
+            if not max_side:
+                return im.convert("RGB")
+            # Palette and 1-bit images resample only by nearest neighbour: to RGB first.
+            image = im.convert("RGB") if im.mode in ("1", "P", "PA") else im
+            image.thumbnail((max_side, max_side))
+            return image.convert("RGB")
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}") from exc
+        # Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS), checked as it opens the file.
+        limit = f"; the limit here is {max_pixels:,} pixels" if max_pixels else ""
+        raise ImageTooLarge(f"image rejected before decoding: {exc}{limit}") from exc
     except ImageTooLarge:
         raise
     except UnidentifiedImageError:
-        raise ValueError("not a readable image: not a format PIL recognises") from None
+        kinds = f"a {', '.join(formats)} image" if formats else "a format PIL recognises"
+        raise ValueError(f"not a readable image: not {kinds}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"not a readable image: {exc}") from exc
 

@@ -35,6 +35,17 @@ class QueryEncoder:
         self.encode.set_max_batch_size(s.batching.max_batch_size)
         self.encode.set_batch_wait_timeout_s(s.batching.batch_wait_timeout_s)
 
+    def check_health(self):
+        """Serve's health check (every `health_check_period_s`): the model encodes a 1-row
+        query to a finite vector of its width, or the replica is replaced."""
+        from PIL import Image
+
+        m = self.model
+        image = Image.new("RGB", (32, 32), "white") if m.uses_images else None
+        vector = np.asarray(m.encode_queries([image], ["health check" if m.uses_texts else None]))
+        if vector.shape != (1, m.dim) or not np.isfinite(vector).all():
+            raise RuntimeError(f"the query encoder answered a {vector.shape} probe, not a finite (1, {m.dim}) vector")
+
     def describe(self) -> dict:
         m = self.model
         return {"name": m.name, "spec": self.spec, "encoder": m.encoder, "dim": m.dim,
@@ -79,6 +90,17 @@ class IndexShard:
             raise ValueError(f"{index_dir} has {len(manifest['shards'])} shards, no shard {shard}")
         self.shard, self.entry = shard, manifest["shards"][shard]
         self.searcher = ShardSearcher(*load_shard(index_dir, shard, manifest))
+        self.probe = np.full((1, self.searcher.index.d), self.searcher.index.d ** -0.5, np.float32)
+
+    def check_health(self):
+        """Serve's health check (every `health_check_period_s`): the mapped shard answers a
+        1-row search with a finite score, or the replica is replaced."""
+        if not self.entry["rows"]:
+            return
+        scores, ids = self.searcher.search(self.probe, 1)[0]
+        if not (len(ids) and np.isfinite(scores).all()):
+            raise RuntimeError(f"index shard {self.shard} answered a 1-row search with {len(ids)} rows, "
+                               f"scores {scores[:3]}")
 
     def describe(self) -> dict:
         return {"shard": self.shard, "rows": self.entry["rows"], "factory": self.entry["factory"],

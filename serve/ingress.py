@@ -9,34 +9,119 @@ the encoder and shard deployments).
     GET  /              the search page (serve/static/)
 
 Every error is JSON `{"error": {"code", "message", "field"}}` with a 4xx status (5xx only
-for a replica that is down or overloaded).
+for a replica that is down or overloaded). /openapi.json describes every route, its
+answers and POST /search's form at the replica's limits (tests/test_serve_fuzz.py fuzzes
+the app from it).
 """
 import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
-from cir.serving.inputs import (SEARCH_FIELDS, ApiError, decode_upload, parse_bool, parse_image_id,
-                                parse_k, parse_text)
+from cir.serving.inputs import (SEARCH_FIELDS, ApiError, ErrorBody, Limits, decode_upload, image_id_schema,
+                                parse_bool, parse_image_id, parse_k, parse_text, search_request_body)
 from serve.settings import ServeSettings
 
 STATIC = Path(__file__).resolve().parent / "static"
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 FORM_OVERHEAD = 64 * 1024          # the body beyond the image: other fields and multipart framing
+# Uploads decoded at once per replica, each in a thread so the event loop keeps answering.
+# A PNG at the default `max_pixels` (25 MP) took the ingress's peak memory up ~135 MB:
+# this bounds what a burst of large uploads can hold at one time.
+DECODE_SLOTS = 2
 logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="Composed image retrieval", version="1",
               description="Search a gallery with a reference image and a modification text.")
 api.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+class GalleryItem(BaseModel):
+    image_id: str
+    caption: Optional[str]
+    category: Optional[str]
+
+
+class Result(GalleryItem):
+    rank: int
+    score: float
+    thumbnail_url: str
+
+
+class SearchQuery(BaseModel):
+    image_id: Optional[str]
+    uploaded: bool
+    text: Optional[str]
+    k: int
+    dedupe: bool
+
+
+class SearchAnswer(BaseModel):
+    query: SearchQuery
+    results: list[Result]
+    timing_ms: dict[str, float]
+
+
+class GalleryPage(BaseModel):
+    total: int
+    offset: int
+    items: list[GalleryItem]
+
+
+class Health(BaseModel):
+    status: str
+    rows: int
+    deployments: dict[str, str]
+
+
+class Info(BaseModel):
+    encoder: dict
+    index: dict
+    shards: list[dict]
+    gallery_rows: int
+    limits: dict
+
+
+ERRORS = {400: "the form cannot be parsed", 404: "no gallery image has this id",
+          411: "the body has no Content-Length", 413: "the body or the image is over a limit (bytes or pixels)",
+          415: "not a multipart or url-encoded form", 422: "a field or parameter is invalid: the error names it",
+          503: "a deployment is at capacity, being replaced, or did not answer in time: retry shortly"}
+
+
+def answers(ok: type[BaseModel] | dict, *errors: int) -> dict:
+    """A route's documented answers (FastAPI's `responses=`): 200 and the ErrorBody statuses."""
+    return {200: ok if isinstance(ok, dict) else {"model": ok},
+            **{s: {"model": ErrorBody, "description": ERRORS[s]} for s in errors}}
+
+
+def document_limits(limits: Limits) -> None:
+    """Make /openapi.json describe what the app checks itself, at these limits: POST
+    /search's form (`parse_form` reads it, so FastAPI cannot see its fields) and the
+    image_id of /images/{image_id}."""
+    def openapi() -> dict:
+        if api.openapi_schema is None:
+            paths = FastAPI.openapi(api)["paths"]
+            paths["/search"]["post"]["requestBody"] = search_request_body(limits)
+            (param,) = paths["/images/{image_id}"]["get"]["parameters"]
+            param["schema"] = image_id_schema(limits)
+        return api.openapi_schema
+
+    api.openapi_schema = None
+    api.openapi = openapi
+
+
+document_limits(Limits())           # each replica documents its own limits as it starts
 
 
 @api.exception_handler(ApiError)
@@ -67,18 +152,20 @@ async def _invalid(request: Request, exc: RequestValidationError):
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes (whether or
-    not a Content-Length announced it)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    """The request body, refused before any of it is read when its Content-Length is over
+    `limit` (413), or when it is chunked, of unknown length (411): Serve's replica pulls a
+    request's whole body from the proxy whether or not the app reads it, so only a declared
+    length can be refused in time (a 50 MB chunked body cost the ingress ~150 MB of memory
+    before this refusal)."""
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit():
+        if "transfer-encoding" not in request.headers:
+            return b""                            # no body at all
+        raise ApiError(411, "length_required", "send the form with a Content-Length header (browsers, curl -F "
+                         "and HTTP libraries do for a form); a body of unknown length is not accepted")
+    if int(declared) > limit:
         raise ApiError(413, "too_large", f"the request body is {int(declared):,} bytes, over the limit of {limit:,}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"the request body is over the limit of {limit:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await request.body()
 
 
 async def parse_form(request: Request, limit: int) -> dict:
@@ -127,6 +214,8 @@ class SearchIngress:
 
         self.settings = ServeSettings.model_validate(settings)
         self.limits = self.settings.request_limits()
+        document_limits(self.limits)
+        self.decoding = asyncio.Semaphore(DECODE_SLOTS)
         index_dir, gallery_dir = self.settings.folders()
         self.manifest = read_manifest(index_dir)
         if len(self.manifest["shards"]) != self.settings.shards:
@@ -138,40 +227,53 @@ class SearchIngress:
 
     async def encoder_info(self) -> dict:
         if self._encoder_info is None:
-            self._encoder_info = await self.encoder.describe.remote()
+            self._encoder_info = await self.call(self.encoder.describe.remote())
         return self._encoder_info
 
     @api.get("/", include_in_schema=False)
     async def page(self):
         return FileResponse(STATIC / "index.html")
 
-    @api.get("/healthz")
+    @api.get("/healthz", responses=answers(Health, 503))
     async def healthz(self):
-        try:
-            await asyncio.wait_for(asyncio.gather(self.encoder.describe.remote(),
-                                                  *[s.describe.remote() for s in self.shards]), timeout=10)
-        except Exception as exc:      # any replica that does not answer makes the app unhealthy
-            return JSONResponse({"status": "unavailable", "reason": str(exc)[:300]}, status_code=503)
-        return {"status": "ok", "rows": self.manifest["rows"]}
+        """200 when the encoder and every shard answer (each within `request_timeout_s`);
+        else 503 naming each deployment that does not."""
+        handles = [self.encoder, *self.shards]
+        replies = await asyncio.gather(*[self.call(h.describe.remote(), h.deployment_name) for h in handles],
+                                       return_exceptions=True)
+        states = {h.deployment_name: ("ok" if not isinstance(r, BaseException) else
+                                      r.message if isinstance(r, ApiError) else f"failed: {type(r).__name__}")
+                  for h, r in zip(handles, replies)}
+        down = [name for name, state in states.items() if state != "ok"]
+        if down:
+            message = f"not answering: {', '.join(down)}; Serve replaces a lost replica, retry shortly"
+            return JSONResponse({"status": "unavailable", "deployments": states,
+                                 "error": {"code": "unavailable", "message": message, "field": None}},
+                                status_code=503)
+        return {"status": "ok", "rows": self.manifest["rows"], "deployments": states}
 
-    @api.get("/info")
+    @api.get("/info", responses=answers(Info, 503))
     async def info(self):
-        shards = await asyncio.gather(*[s.describe.remote() for s in self.shards])
+        shards = await asyncio.gather(*[self.call(s.describe.remote(), f"index shard {s.deployment_name}")
+                                        for s in self.shards])
         return {"encoder": await self.encoder_info(), "index": self.manifest, "shards": shards,
                 "gallery_rows": len(self.gallery), "limits": self.limits.public()}
 
-    @api.get("/gallery")
+    @api.get("/gallery", responses=answers(GalleryPage, 422))
     async def gallery_page(self, offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=500)):
         return {"total": len(self.gallery), "offset": offset, "items": self.gallery.page(offset, limit)}
 
-    @api.get("/images/{image_id:path}")
+    @api.get("/images/{image_id:path}", response_class=Response,
+             responses=answers({"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                                "description": "the image's JPEG thumbnail"}, 404, 422))
     async def thumbnail(self, image_id: str):
+        image_id = parse_image_id(image_id, self.limits)
         data = self.gallery.thumbnail(image_id) if image_id in self.gallery else None
         if data is None:
             raise ApiError(404, "unknown_image_id", f"no gallery image {image_id[:80]!r}", "image_id")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
-    @api.post("/search")
+    @api.post("/search", responses=answers(SearchAnswer, 400, 404, 411, 413, 415, 422, 503))
     async def search(self, request: Request):
         t0 = time.perf_counter()
         form = await parse_form(request, self.limits.max_upload_bytes + FORM_OVERHEAD)
@@ -179,7 +281,7 @@ class SearchIngress:
         k = parse_k(form.get("k"), self.limits)
         dedupe = parse_bool(form.get("dedupe"), "dedupe")
         image_id = parse_image_id(form.get("image_id"), self.limits)
-        image = self.reference_image(form.get("image"), image_id)
+        image = await self.reference_image(form.get("image"), image_id)
         info = await self.encoder_info()
         image = image if info["uses_images"] else None
         text = text if info["uses_texts"] else None
@@ -201,13 +303,14 @@ class SearchIngress:
                 "timing_ms": {"encode": round(1000 * (t2 - t1), 2), "search": round(1000 * (t3 - t2), 2),
                               "total": round(1000 * (t3 - t0), 2)}}
 
-    def reference_image(self, upload: bytes | None, image_id: str | None):
+    async def reference_image(self, upload: bytes | None, image_id: str | None):
         from cir.encoders import decode_image
 
         if upload is not None and image_id is not None:
             raise ApiError(422, "two_references", "give an uploaded image or an image_id, not both", "image_id")
         if upload is not None:
-            return decode_upload(upload, self.limits)
+            async with self.decoding:
+                return await asyncio.to_thread(decode_upload, upload, self.limits)
         if image_id is None:
             return None
         if image_id not in self.gallery:
@@ -224,7 +327,16 @@ class SearchIngress:
         from cir.index.search import collapse_near_duplicates, merge_topk
 
         fetch = min(4 * k, k + 100) if dedupe else k
-        parts = await asyncio.gather(*[self.call(s.search.remote(query, fetch, dedupe)) for s in self.shards])
+        n = len(self.shards)
+        parts = await asyncio.gather(*[self.call(s.search.remote(query, fetch, dedupe),
+                                                 f"index shard {i} of {n} ({s.deployment_name})")
+                                       for i, s in enumerate(self.shards)], return_exceptions=True)
+        # The shards that answered do not hold the index's top-k: one failed shard fails the
+        # search, a 503 naming every shard that failed, never a shorter or different list.
+        failed = [p for p in parts if isinstance(p, BaseException)]
+        if failed:
+            unexpected = [p for p in failed if not isinstance(p, ApiError)]
+            raise unexpected[0] if unexpected else ApiError(503, failed[0].code, "; ".join(p.message for p in failed))
         scores, ids = merge_topk(parts, fetch)
         if dedupe:
             vectors = {i: v for p in parts for i, v in zip(p[1], p[2])}
@@ -237,17 +349,22 @@ class SearchIngress:
             return self.gallery.metadata(image_id)
         return {"image_id": image_id, "caption": None, "category": None}
 
-    @staticmethod
-    async def call(response):
-        """A deployment call; an overloaded or lost replica becomes a 503 that says so."""
+    async def call(self, response, what: str = "the query encoder"):
+        """A deployment call's answer within `request_timeout_s`, or a 503 naming `what`:
+        its queue is full (backpressure), its replica died holding the request, or no
+        replica took it in time (one being replaced, or none coming back). Never a hang."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import DeploymentUnavailableError
+
+        timeout = self.settings.request_timeout_s
         try:
-            return await response
+            return await asyncio.wait_for(response, timeout)
         except BackPressureError as exc:
-            raise ApiError(503, "overloaded", f"the server is at capacity, retry shortly ({exc.message})") from None
-        except ApiError:
-            raise
-        except Exception as exc:
-            if type(exc).__name__ in ("RayActorError", "ActorDiedError", "DeploymentUnavailableError",
-                                      "ActorUnavailableError"):
-                raise ApiError(503, "unavailable", f"a replica is unavailable, retry shortly: {exc}"[:300]) from None
-            raise
+            raise ApiError(503, "overloaded", f"{what} is at capacity, retry shortly ({exc.message})") from None
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise ApiError(503, "timeout", f"{what} did not answer within {timeout:g} s (a replica may be "
+                           "restarting), retry shortly") from None
+        except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as exc:
+            raise ApiError(503, "unavailable", f"{what} is unavailable (its replica was lost; Serve starts "
+                           f"another), retry shortly: {type(exc).__name__}") from None

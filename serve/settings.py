@@ -38,12 +38,29 @@ class Deployment(Strict):
     max_ongoing_requests: int = Field(8, ge=1)
     # Requests beyond this wait nowhere: Serve answers 503 (backpressure), never a hang.
     max_queued_requests: int = Field(64, ge=-1)
+    # Serve learns that a replica's process died only from its next health check, and then
+    # starts a replacement: the period bounds that gap (Serve's default, 10 s, would leave
+    # a killed shard unserved ~10 s longer). A check is a 1-row encode or search (the
+    # ingress's: its replica answering), cheap at this rate. A check that does not return
+    # within the timeout counts as failed, and 3 failures in a row replace the replica (a
+    # hung one is gone in ~3 x (period + timeout) + graceful_shutdown_timeout_s).
+    health_check_period_s: float = Field(2.0, gt=0)
+    health_check_timeout_s: float = Field(5.0, gt=0)
+    # On shutdown, redeploy or downscale a replica takes no new requests and is given this
+    # long for those it holds (polled every wait_loop_s), then is killed. A shard's or
+    # the encoder's requests take milliseconds; the ingress's default is set in ServeSettings.
+    graceful_shutdown_wait_loop_s: float = Field(0.5, gt=0)
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
 
     def options(self, name: str) -> dict:
         scale = ({"autoscaling_config": self.autoscaling.model_dump()} if self.autoscaling
                  else {"num_replicas": self.num_replicas})
         return {"name": name, **scale, "max_ongoing_requests": self.max_ongoing_requests,
                 "max_queued_requests": self.max_queued_requests,
+                "health_check_period_s": self.health_check_period_s,
+                "health_check_timeout_s": self.health_check_timeout_s,
+                "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+                "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
                 "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}}
 
 
@@ -88,9 +105,16 @@ class ServeSettings(Strict):
     dedupe_threshold: float = Field(0.95, gt=0, le=1)
     batching: Batching = Batching()
     limits: LimitSettings = LimitSettings()
+    # How long the ingress waits for the encoder, and for each shard, before it answers 503
+    # instead: a request waits out a short gap (a replica being replaced) and never hangs
+    # on a deployment that does not come back.
+    request_timeout_s: float = Field(10.0, gt=0)
     query_encoder: Deployment = Deployment(num_cpus=0.5)
     shard: Deployment = Deployment()
-    ingress: Deployment = Deployment(num_cpus=0.25, max_ongoing_requests=32, max_queued_requests=128)
+    # 32 searches at once: 16 concurrent clients are not an overload (tests/test_serve_load.py).
+    # It drains for up to an encoder call and a shard call at their timeouts.
+    ingress: Deployment = Deployment(num_cpus=0.25, max_ongoing_requests=32, max_queued_requests=128,
+                                     graceful_shutdown_timeout_s=25.0)
 
     def folders(self):
         """The index/ and gallery/ stages of the index job's output, both committed, in a

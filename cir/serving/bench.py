@@ -88,10 +88,27 @@ def in_process_latency(model, index_root: Path, uploads, requests: int, k: int) 
     return latency_summary(times, time.perf_counter() - t_start)
 
 
-def http_load(url: str, uploads, concurrency: int, requests: int | None = None, seconds: float | None = None,
-              k: int = 10) -> dict:
+def upload_forms(uploads) -> list[dict]:
+    """Searches by an uploaded image and a text, as `http_load` takes them."""
+    return [{"data": {"text": text}, "files": {"image": ("q.png", data, "image/png")}} for data, text in uploads]
+
+
+def mixed_forms(image_ids: list[str], upload: bytes) -> list[dict]:
+    """Searches of each kind the API takes, as `http_load` takes them: a gallery image and
+    a text, an upload and a text, a text alone (for a model that takes each)."""
+    image = {"image": ("reference.png", upload, "image/png")}
+    return [{"data": {"image_id": image_ids[0], "text": TEXTS[0]}},
+            {"data": {"image_id": image_ids[len(image_ids) // 2], "text": TEXTS[1]}},
+            {"data": {"text": TEXTS[2]}, "files": image},
+            {"data": {"text": TEXTS[3]}}]
+
+
+def http_load(url: str, forms: list[dict], concurrency: int, requests: int | None = None,
+              seconds: float | None = None, k: int = 10, on_response=None) -> dict:
     """`concurrency` clients posting searches back to back, for `requests` in all or for
-    `seconds`; latencies of the 200s and a count of every status."""
+    `seconds`: the i-th is `forms[i % len(forms)]` (httpx.post's `data` and `files`) with
+    `k`. Latencies of the 200s and a count of every status (or client exception name);
+    `on_response(i, response or exception)` sees every answer, from the client threads."""
     import httpx
 
     times, statuses, lock = [], {}, threading.Lock()
@@ -104,17 +121,20 @@ def http_load(url: str, uploads, concurrency: int, requests: int | None = None, 
                 i = next(counter)
                 if (requests is not None and i >= requests) or (deadline and time.perf_counter() > deadline):
                     return
-                data, text = uploads[i % len(uploads)]
+                form = forms[i % len(forms)]
                 t0 = time.perf_counter()
                 try:
-                    status = http.post(f"{url}/search", data={"text": text, "k": str(k)},
-                                       files={"image": ("q.png", data, "image/png")}).status_code
+                    answer = http.post(f"{url}/search", data={**form.get("data", {}), "k": str(k)},
+                                       files=form.get("files"))
+                    status = answer.status_code
                 except httpx.HTTPError as exc:
-                    status = type(exc).__name__
+                    answer, status = exc, type(exc).__name__
                 with lock:
                     statuses[status] = statuses.get(status, 0) + 1
                     if status == 200:
                         times.append(time.perf_counter() - t0)
+                if on_response is not None:
+                    on_response(i, answer)
 
     t_start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -126,16 +146,36 @@ def http_load(url: str, uploads, concurrency: int, requests: int | None = None, 
             "statuses": {str(s): c for s, c in statuses.items()}}
 
 
-def replica_rss() -> dict[str, int]:
-    """Resident memory of each Serve replica of the app, by actor name."""
-    import psutil
+def server_errors(statuses: dict) -> int:
+    """The 5xx answers and failed requests (no HTTP answer) of an `http_load` result."""
+    return sum(c for s, c in statuses.items() if not s.isdigit() or int(s) >= 500)
+
+
+def serve_replicas(app: str = "cir-search") -> dict[str, list[int]]:
+    """The pids of each deployment's live replicas of Serve app `app`, by deployment name,
+    from Ray's state API (asked at the connected cluster: the machine may run others)."""
+    import ray
     from ray.util.state import list_actors
 
+    out: dict[str, list[int]] = {}
+    prefix = f"ServeReplica:{app}:"
+    for actor in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                             limit=10_000):
+        if actor.class_name.startswith(prefix):
+            out.setdefault(actor.class_name[len(prefix):], []).append(actor.pid)
+    return out
+
+
+def replica_rss(app: str = "cir-search") -> dict[str, int]:
+    """Resident memory of each Serve replica of `app` (on this node), by deployment name
+    (numbered when a deployment has several)."""
+    import psutil
+
     out = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        if actor.class_name.startswith("ServeReplica:cir-search"):
+    for name, pids in serve_replicas(app).items():
+        for n, pid in enumerate(sorted(pids)):
             try:
-                out[actor.class_name.split(":")[-1]] = psutil.Process(actor.pid).memory_info().rss
+                out[name if len(pids) == 1 else f"{name}#{n}"] = psutil.Process(pid).memory_info().rss
             except psutil.NoSuchProcess:
                 pass
     return out
@@ -172,14 +212,15 @@ def bench_serve(n: int = 100_000, requests: int = 200, k: int = 10, encoder: str
     import tempfile
 
     uploads = query_uploads()
+    forms = upload_forms(uploads)
     model = in_process_model(encoder)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         app = ServedBench(Path(tmp) / "gallery", n, encoder, model.dim)
         try:
-            http_load(app.url, uploads, 1, requests=20, k=k)            # warm up every replica
+            http_load(app.url, forms, 1, requests=20, k=k)            # warm up every replica
             baseline = in_process_latency(model, app.root, uploads, requests, k)
-            one = http_load(app.url, uploads, 1, requests=requests, k=k)
-            eight = http_load(app.url, uploads, 8, requests=4 * requests, k=k)
+            one = http_load(app.url, forms, 1, requests=requests, k=k)
+            eight = http_load(app.url, forms, 8, requests=4 * requests, k=k)
         finally:
             app.close()
     result = {"encoder": f"baseline:sum@{encoder}", "gallery_vectors": n, "shards": 2, "k": k, "in_process": baseline, "serve_c1": one, "serve_c8": eight,
@@ -191,29 +232,38 @@ def bench_serve(n: int = 100_000, requests: int = 200, k: int = 10, encoder: str
     return result
 
 
-def bench_load(n: int = 100_000, seconds: float = 60, concurrency: int = 8, k: int = 10,
+def bench_load(n: int = 100_000, seconds: float = 60, concurrency: int = 16, k: int = 10,
                encoder: str = "cir-shapes", workdir: str | None = None) -> dict:
     """`seconds` of searches at `concurrency`: every status, and each replica's memory
     after a warm-up against its memory at the end."""
     import tempfile
 
-    uploads = query_uploads()
+    forms = upload_forms(query_uploads())
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         app = ServedBench(Path(tmp) / "gallery", n, encoder, in_process_model(encoder).dim)
         try:
-            http_load(app.url, uploads, concurrency, requests=100, k=k)
-            before = replica_rss()
-            load = http_load(app.url, uploads, concurrency, seconds=seconds, k=k)
-            after = replica_rss()
+            result = load_run(app.url, forms, concurrency, seconds, k, warmup=100)
         finally:
             app.close()
+    return {"encoder": f"baseline:sum@{encoder}", "gallery_vectors": n, **result}
+
+
+def load_run(url: str, forms: list[dict], concurrency: int, seconds: float, k: int = 10, warmup: int = 100) -> dict:
+    """`warmup` searches, then `seconds` at `concurrency` against the app at `url`: every
+    status, the server errors, latency, and each replica's RSS after the warm-up and at
+    the end (this node's replicas of the app named cir-search)."""
+    http_load(url, forms, concurrency, requests=warmup, k=k)
+    before = replica_rss()
+    load = http_load(url, forms, concurrency, seconds=seconds, k=k)
+    after = replica_rss()
     growth = {name: after[name] / before[name] - 1 for name in before if name in after}
-    errors = sum(c for s, c in load["statuses"].items() if not s.isdigit() or int(s) >= 500)
-    result = {"encoder": f"baseline:sum@{encoder}", "gallery_vectors": n, "seconds": seconds, **load, "server_errors": errors,
+    errors = server_errors(load["statuses"])
+    result = {"seconds": seconds, **load, "server_errors": errors,
               "rss_mb_before": {n_: v / 2**20 for n_, v in before.items()},
               "rss_mb_after": {n_: v / 2**20 for n_, v in after.items()}, "rss_growth": growth,
               "max_rss_growth": max(growth.values()) if growth else None}
     log(f"load {seconds:.0f}s at concurrency {concurrency}: {load['requests']} ok, statuses {load['statuses']}, "
-        f"{errors} server errors; p50 {load['p50_ms']:.1f} ms p99 {load['p99_ms']:.1f} ms; replica RSS growth "
+        f"{errors} server errors; p50 {load['p50_ms']:.1f} ms p99 {load['p99_ms']:.1f} ms, "
+        f"{load['throughput_rps']:.1f} req/s; replica RSS growth "
         + ", ".join(f"{name} {100 * g:+.1f}%" for name, g in sorted(growth.items())))
     return result
