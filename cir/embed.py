@@ -133,10 +133,10 @@ class Embedder:
 
 
 def embed(dataset, encoder: str, settings: EmbedSettings | None = None, image_encoder: str | None = None):
-    """The stage over a Ray Dataset (lazy): an actor pool of `Embedder`s, `num_gpus` per
-    actor when the cluster has GPUs."""
-    import ray
-
+    """The stage over a Ray Dataset (lazy): an actor pool of `Embedder`s (`cir.actor_pool`:
+    a killed actor is restarted and its block redone), `num_gpus` per actor when the
+    cluster has GPUs."""
+    from cir.actor_pool import actor_pool
     from cir.raycluster import gpus_per_actor
 
     s = settings or EmbedSettings()
@@ -145,8 +145,7 @@ def embed(dataset, encoder: str, settings: EmbedSettings | None = None, image_en
         fn_constructor_kwargs={"encoder": encoder, "image_encoder": image_encoder, "threads": s.torch_threads,
                                "precision": s.precision, "actors": s.num_actors},
         batch_size=s.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=s.num_actors),
-        num_cpus=s.cpus_per_actor, num_gpus=gpus_per_actor(s.gpus_per_actor),
+        **actor_pool(s.num_actors, num_cpus=s.cpus_per_actor, num_gpus=gpus_per_actor(s.gpus_per_actor)),
     )
 
 

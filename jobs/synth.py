@@ -80,13 +80,14 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"synth: error: {exc}", file=sys.stderr)
         return 2
+    from cir.actor_pool import ActorCrashLoop
     from cir.raycluster import init_ray
 
     t0 = time.perf_counter()
     init_ray(args.address)
     try:
         summary = run.run()
-    except ValueError as exc:
+    except (ValueError, ActorCrashLoop) as exc:
         print(f"synth: error: {exc}", file=sys.stderr)
         return 1
     print_summary(summary, time.perf_counter() - t0)

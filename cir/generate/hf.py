@@ -286,8 +286,7 @@ class HFBackend(LLMBackend):
 
     def generate_all(self, ds, tasks: list[ChatTask], carry: list[str]):
         # All prompts in one actor pool: one model load per actor, not one per prompt.
-        import ray
-
+        from cir.actor_pool import actor_pool
         from cir.raycluster import gpus_per_actor
 
         t = self.task
@@ -295,5 +294,5 @@ class HFBackend(LLMBackend):
         return ds.map_batches(
             HFChat, batch_size=self.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"options": self.options, "tasks": tasks, "sampling": sampling, "carry": carry},
-            compute=ray.data.ActorPoolStrategy(size=self.num_actors),
-            num_cpus=self.options.cpus_per_actor, num_gpus=gpus_per_actor(self.options.gpus_per_actor))
+            **actor_pool(self.num_actors, num_cpus=self.options.cpus_per_actor,
+                         num_gpus=gpus_per_actor(self.options.gpus_per_actor)))

@@ -127,11 +127,10 @@ class MTSTBackend(Backend):
         return f"{GENERATOR_PREFIX}{stage.parent.name}/{stage.name}"
 
     def apply(self, pairs):
-        import ray
+        from cir.actor_pool import actor_pool
 
         gpus = getattr(self, "gpus", 0)
         return pairs.map_batches(
             MTSTGenerator, fn_constructor_args=(self.options, self.corpus_files, self.generator_id()),
             batch_size=self.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=self.num_actors),
-            num_cpus=self.options.cpus_per_actor, **({"num_gpus": gpus} if gpus else {}))
+            **actor_pool(self.num_actors, num_cpus=self.options.cpus_per_actor, **({"num_gpus": gpus} if gpus else {})))

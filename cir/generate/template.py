@@ -101,7 +101,7 @@ class TemplateBackend(Backend):
     source = "template"
 
     def apply(self, pairs):
-        import ray
+        from cir.actor_pool import actor_pool
 
         return pairs.map_batches(TemplateGenerator, batch_size=self.batch_size, batch_format="pyarrow",
-                                 compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_cpus=1)
+                                 **actor_pool(self.num_actors, num_cpus=1))

@@ -277,11 +277,10 @@ class IndexRun:
         return {"rows": manifest["rows"], "shard_rows": [s["rows"] for s in shards], "factory": plan.factory}
 
     def _gallery(self, tmp) -> dict:
-        import ray
+        from cir.actor_pool import actor_pool
 
         fs, path = split(tmp)
         self.images().map_batches(Thumbnailer, fn_constructor_args=(self.cfg.thumbnail_size, self.cfg.reference_size),
-                                  batch_size=GALLERY_ROW_GROUP, batch_format="pyarrow",
-                                  compute=ray.data.ActorPoolStrategy(size=1)).write_parquet(
+                                  batch_size=GALLERY_ROW_GROUP, batch_format="pyarrow", **actor_pool(1)).write_parquet(
             path, filesystem=fs, schema=GALLERY_SCHEMA, row_group_size=GALLERY_ROW_GROUP)
         return {"rows": rows_in(parquet_files(tmp))}

@@ -180,17 +180,16 @@ def image_message(data: bytes, prompt: str) -> list[dict]:
 
 def caption_dataset(ds, cfg: CaptionsConfig, filter_cfg):
     """The corpus Dataset with its captions filled (lazy: the synth job writes it)."""
-    import ray
-
+    from cir.actor_pool import actor_pool
     from cir.raycluster import gpus_per_actor
 
     if cfg.captioner == "vllm":
         return _vllm_captions(ds, cfg, filter_cfg)
     cls = GeneratorCaptioner if cfg.captioner == "generator" else HFCaptioner
     gpus = gpus_per_actor(cfg.gpus_per_actor)
-    return ds.map_batches(cls, fn_constructor_args=(cfg, filter_cfg), batch_size=cfg.batch_size,
-                          batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                          num_cpus=cfg.cpus_per_actor, **({"num_gpus": gpus} if gpus else {}))
+    return ds.map_batches(cls, fn_constructor_args=(cfg, filter_cfg), batch_size=cfg.batch_size, batch_format="pyarrow",
+                          **actor_pool(cfg.num_actors, num_cpus=cfg.cpus_per_actor,
+                                       **({"num_gpus": gpus} if gpus else {})))
 
 
 def _vllm_captions(ds, cfg: CaptionsConfig, filter_cfg):

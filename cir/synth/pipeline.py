@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from cir import schemas
+from cir.actor_pool import explain_actor_deaths
 from cir.data import corpus as corpus_io
 from cir.outputs import OutputDir, count_rows, parquet_file, parquet_files, read_table, write_table
 from cir.progress import log
@@ -114,7 +114,8 @@ class SynthRun:
         self.fingerprints[name] = fingerprint
 
         def commit(tmp):
-            extra = work(tmp) or {}
+            with explain_actor_deaths(name):
+                extra = work(tmp) or {}
             return {"rows": count_rows(tmp), "extra": {k: v for k, v in extra.items() if k != "bad_images"},
                     "bad_images": extra.get("bad_images", [])}
 

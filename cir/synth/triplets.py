@@ -63,8 +63,8 @@ def generate_candidates(backend, quality_filter: dict | None, pairs: pa.Table, s
     it is on), all of them in `store`: the pairs no readable file there holds are
     generated, each output block written there as one file as it comes."""
     import pyarrow.compute as pc
-    import ray
 
+    from cir.actor_pool import actor_pool
     from cir.generate.quality import QualityFilter
     from cir.raycluster import dataset_from_table
 
@@ -85,8 +85,7 @@ def generate_candidates(backend, quality_filter: dict | None, pairs: pa.Table, s
         rows = backend.apply(dataset_from_table(todo, -(-todo.num_rows // n_blocks)))
         if quality_filter is not None:
             rows = rows.map_batches(QualityFilter, fn_constructor_kwargs=quality_filter,
-                                    batch_size=generate.batch_size, batch_format="pyarrow",
-                                    compute=ray.data.ActorPoolStrategy(size=1))
+                                    batch_size=generate.batch_size, batch_format="pyarrow", **actor_pool(1))
         fs, path = split(store)
         # No CPU asked: the generator and filter actors may hold every CPU, and a write
         # that waited for one would keep every row in memory until the last pair.
