@@ -5,11 +5,15 @@
 
 Stages run in order, each from the previous stage's export (e.g. pretrain on synthetic
 triplets, then finetune on the benchmark). Re-running with the same run name resumes
-from the latest checkpoint; finished stages are skipped. See cir/train/run.py.
+from the latest checkpoint; finished stages are skipped. A stage whose worker dies is
+restarted from its latest checkpoint up to run.max_failures times (default 2); past that
+the job stops (exit status 1) naming the failure and the checkpoint step a rerun of the
+same command resumes from. See cir/train/run.py.
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,6 +48,13 @@ def config_from_args(cls, args):
     return cfg
 
 
+def stopped(exc, job: str, argv=None) -> str:
+    """A training job's last words when a stage failed for good: the failure, where it
+    stopped, and the command that resumes it."""
+    command = shlex.join(["python", f"jobs/{job}.py", *(sys.argv[1:] if argv is None else argv)])
+    return f"{job}: stopped: {exc}\nto resume: {command}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -55,11 +66,15 @@ def main(argv=None) -> int:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     from cir.raycluster import init_ray
-    from cir.train.run import run_folder, run_training
+    from cir.train.run import TrainingStopped, run_folder, run_training
 
     t0 = time.perf_counter()
     init_ray(args.address)
-    export = run_training(cfg)
+    try:
+        export = run_training(cfg)
+    except TrainingStopped as exc:
+        print(stopped(exc, "train", argv), file=sys.stderr)
+        return 1
     run_dir = run_folder(cfg)
     print(f"\ntrain finished in {time.perf_counter() - t0:.1f}s; final model: {export}")
     for stage in cfg.stages:

@@ -21,7 +21,7 @@ from cir.train.generator_config import GeneratorTrainConfig  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from jobs.train import config_from_args, parse_args
+    from jobs.train import config_from_args, parse_args, stopped
 
     args = parse_args(argv, __doc__, "configs/train/shapes_generator.yaml")
     try:
@@ -31,11 +31,15 @@ def main(argv=None) -> int:
         return 2
     from cir.raycluster import init_ray
     from cir.train.generator_loop import run_generator_training
-    from cir.train.run import run_folder
+    from cir.train.run import TrainingStopped, run_folder
 
     t0 = time.perf_counter()
     init_ray(args.address)
-    export = run_generator_training(cfg)
+    try:
+        export = run_generator_training(cfg)
+    except TrainingStopped as exc:
+        print(stopped(exc, "train_generator", argv), file=sys.stderr)
+        return 1
     print(f"\ntrain_generator finished in {time.perf_counter() - t0:.1f}s; final model: {export}")
     for stage in cfg.stages:
         print(f"  {stage.name} ({stage.task}): {run_folder(cfg) / stage.name} (export/, history.json, curve.png)")

@@ -11,7 +11,7 @@ import pytest
 
 from cir.config import load_config
 from cir.train.config import TrainConfig
-from trained import REPO, SHAPES_MODEL, tiny_config
+from trained import REPO, SHAPES_MODEL, assert_each_step_once, tiny_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,25 +30,25 @@ def test_deepspeed_zero2_resumes_after_a_failure_without_lost_or_repeated_steps(
     resumes from its checkpoint there; the chained stage starts from the first stage's
     export there; the export loads back from the URI; nothing touches the local disk."""
     import torch
-    from ray.train import TrainingFailedError
 
     from cir.models.export import load_composer
     from cir.storage import Location, local_copy
-    from cir.train.run import run_folder, run_training
+    from cir.train.run import TrainingStopped, run_folder, run_training
 
     monkeypatch.chdir(tmp_path)                  # a fallback to the local disk would write here
     monkeypatch.setenv("CIR_CACHE_DIR", str(tmp_path / "cache"))
     bench = str(small_benchmark)
     optim = {"lr": 1e-3, "warmup_steps": 2, "micro_batch_size": 16}
     cfg = tiny_config(tmp_path, run__storage=s3_uri, run__fail_at_step=6, run__checkpoint_every=4,
-                      run__report_every=2, **{"stages": [
+                      run__report_every=2, run__max_failures=0, **{"stages": [
                           {"name": "first", "data": {"source": "benchmark", "limit": 64, "benchmark_dir": bench},
                            "optim": {**optim, "warmup_steps": 1, "max_steps": 2}},
                           {"name": "finetune", "data": {"source": "benchmark", "limit": 256, "benchmark_dir": bench},
                            "optim": optim}]})
     run = run_folder(cfg)
     assert isinstance(run, Location)
-    with pytest.raises((TrainingFailedError, RuntimeError)):
+    with pytest.raises(TrainingStopped, match=r"'finetune' failed .*rank \d: RuntimeError: fail_at_step=6: "
+                       r"simulated worker failure.*step 4 of 8.*resumes from checkpoint step 4"):
         run_training(cfg)                        # "first" finishes; "finetune" fails after its step-4 checkpoint
     first, stage_dir = run / "first", run / "finetune"
     assert (first / "export" / "config.json").is_file()
@@ -58,6 +58,9 @@ def test_deepspeed_zero2_resumes_after_a_failure_without_lost_or_repeated_steps(
     export = run_training(cfg)
     assert export == stage_dir / "export"
     assert _history_steps(first) == [2] and _history_steps(stage_dir) == [2, 4, 6, 8]
+    order = json.loads((stage_dir / "data_order.json").read_text())
+    assert order["restored_from"] == [4]
+    assert_each_step_once(order, 8, workers=2)
     assert (export / "model.safetensors").is_file() and (stage_dir / "curve.png").is_file()
     assert json.loads((stage_dir / "settings.json").read_text())["init_from"] == str(first / "export")
     assert not list(tmp_path.iterdir()), "a run wrote to the local disk"

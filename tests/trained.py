@@ -33,3 +33,12 @@ def shapes_training_config(tmp_path, benchmark: Path) -> TrainConfig:
                                       "optim": {"lr": 2e-3, "warmup_steps": 5, "epochs": 8,
                                                 "micro_batch_size": 16},
                                       "loss": {"objective": "infonce"}}]})
+
+
+def assert_each_step_once(order: dict, total_steps: int, workers: int) -> None:
+    """A stage's `data_order.json`: every rank took steps 1..total_steps once each, on
+    rows of its own (no two ranks' steps the same)."""
+    assert sorted(order["steps"]) == [str(rank) for rank in range(workers)], order["steps"].keys()
+    for rank, steps in order["steps"].items():
+        assert [step for step, _ in steps] == list(range(1, total_steps + 1)), f"rank {rank} lost or repeated steps"
+    assert len({digest for steps in order["steps"].values() for _, digest in steps}) == total_steps * workers

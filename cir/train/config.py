@@ -102,7 +102,13 @@ class RunSettings:
     eval_every: int = 50               # recall on the benchmark's val split (rank-wide)
     eval_split: str = "val"
     eval_limit: int = 300
-    max_failures: int = 0
+    # Ray Train restarts a stage from its latest checkpoint after this many worker
+    # failures (a killed or crashed worker, a lost node; -1: always). 2 rides out the
+    # usual transient faults of a cluster (an OOM kill, a lost node) at the cost of
+    # `checkpoint_every` steps each; a bug that fails every time stops after 3 tries.
+    # Spot preemptions have Ray's own budget (FailureConfig.max_preemption_failures,
+    # unlimited). 0: the first failure stops the job; a rerun resumes.
+    max_failures: int = 2
     fail_at_step: int | None = None    # testing: raise once at this step of a fresh start
 
 
@@ -143,6 +149,8 @@ def validate_run(run: RunSettings, deepspeed: DeepSpeedConfig) -> None:
         raise ValueError(f"deepspeed.precision must be fp32, bf16 or fp16, got {deepspeed.precision!r}")
     if run.num_workers < 1:
         raise ValueError("run.num_workers must be >= 1")
+    if run.max_failures < -1:
+        raise ValueError(f"run.max_failures must be >= 0, or -1 to restart always, got {run.max_failures}")
     resolve(run.storage)      # a local folder or a URI pyarrow can open (an unknown scheme fails here)
     if run.name in ("", FEATURES_DIR) or "/" in run.name:
         raise ValueError(f"run.name {run.name!r}: a run needs a folder name of its own "

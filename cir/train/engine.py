@@ -150,4 +150,9 @@ def _load_plain(folder: Path, module, optimizer, scheduler) -> int:
             current[slot] = value.reshape(()) if slot == "step" else value
     meta = json.loads((folder / "plain_state.json").read_text())
     scheduler.load_state_dict(meta["scheduler"])
+    # The scheduler's state holds the learning rate of the next step, but only its own
+    # step() writes it into the optimizer: without this, the first step after a restore
+    # would take the learning rate of step 0.
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
     return int(meta["steps"])

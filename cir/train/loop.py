@@ -6,9 +6,13 @@ the stage's objective around it (`cir.train.objectives`), wraps that in an `Engi
 (DeepSpeed or DDP), restores the latest checkpoint if the
 run has one, then steps through its shard of the examples. Steps are counted in
 optimizer steps; a resumed run skips the micro-batches of the epoch it had already
-consumed, so no step is lost or repeated. Metrics go to `ray.train.report` every
-`report_every` steps, checkpoints every `checkpoint_every` steps, and the last report
-carries the exported model (safetensors + JSON) as its checkpoint.
+consumed and restores each rank's random state (dropout), so no step is lost or
+repeated and the steps after a restore are those of an undisturbed run. Each rank
+keeps its data order, (step, CRC-32 of the rows the step consumed), in every
+checkpoint: the driver installs it as `data_order.json`. Metrics go to
+`ray.train.report` every `report_every` steps, checkpoints every `checkpoint_every`
+steps, and the last report carries the exported model (safetensors + JSON) as its
+checkpoint.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -121,22 +126,30 @@ def run_steps(engine, config: dict, stage, run: RunSettings, rank: int, world: i
     """Step `engine` through this worker's shard of the "train" dataset to
     `config["total_steps"]`, resuming from the run's latest checkpoint: metrics every
     `report_every` steps (plus `evaluate()`'s every `eval_every`), checkpoints every
-    `checkpoint_every`, and a last checkpoint holding `export(folder)`'s model."""
+    `checkpoint_every`, and a last checkpoint holding `export(folder)`'s model. Every
+    checkpoint holds the steps the run was restored from (`restored_from`) and each
+    rank's data order (`save_rank_state`)."""
     import ray.train
     from ray.train import Checkpoint
 
     total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
-    start_step, history = 0, []
+    start_step, history, order, restored_from = 0, [], [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = engine.load(Path(folder))
+            order = load_rank_state(Path(folder), rank)
         start_step, history = state["step"], state.get("history", [])
+        restored_from = state.get("restored_from", []) + [start_step]
     evaluating = config.get("val") is not None
+
+    def save(folder: Path, state: dict) -> None:
+        engine.save(folder, {**state, "history": history, "restored_from": restored_from}, rank)
+        save_rank_state(folder, rank, order)
 
     shard = ray.train.get_dataset_shard("train")
     accum, micro = stage.optim.grad_accum, stage.optim.micro_batch_size
-    step, losses, t_window = start_step, [], time.perf_counter()
+    step, losses, digest, t_window = start_step, [], 0, time.perf_counter()
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         batches = shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
@@ -149,9 +162,12 @@ def run_steps(engine, config: dict, stage, run: RunSettings, rank: int, world: i
                 continue  # consumed before the checkpoint we resumed from
             out = engine.train_micro_batch(to_batch(rows))
             losses.append(float(out["loss"].detach()))
+            digest = batch_digest(rows, digest)
             if (i + 1) % accum:
                 continue
             step += 1
+            order.append([step, digest])
+            digest = 0
             if run.fail_at_step is not None and step == run.fail_at_step and start_step == 0:
                 raise RuntimeError(f"fail_at_step={step}: simulated worker failure")
             final = step == total_steps
@@ -167,11 +183,11 @@ def run_steps(engine, config: dict, stage, run: RunSettings, rank: int, world: i
             if metrics:
                 history.append(metrics)
             if final:
-                _report_final(engine, metrics, history, rank, export)
+                _report_final(engine, metrics, history, rank, export, save)
                 return
             if step % run.checkpoint_every == 0:
                 with tempfile.TemporaryDirectory() as tmp:
-                    engine.save(Path(tmp), {"step": step, "history": history}, rank)
+                    save(Path(tmp), {"step": step})
                     ray.train.report(metrics or {"step": step}, checkpoint=Checkpoint.from_directory(tmp))
             elif metrics:
                 ray.train.report(metrics)
@@ -179,14 +195,14 @@ def run_steps(engine, config: dict, stage, run: RunSettings, rank: int, world: i
                 break
 
 
-def _report_final(engine, metrics, history, rank, export) -> None:
+def _report_final(engine, metrics, history, rank, export, save) -> None:
     """The last checkpoint: training state (so a re-run is a no-op) + the export."""
     import ray.train
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        engine.save(folder, {"step": metrics["step"], "history": history, "final": True}, rank)
+        save(folder, {"step": metrics["step"], "final": True})
         with _gathered(engine):
             if rank == 0:
                 export(folder / "export")
@@ -203,3 +219,49 @@ def _gathered(engine):
 
         return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     return contextlib.nullcontext()
+
+
+def batch_digest(rows: dict, crc: int = 0) -> int:
+    """CRC-32 of a numpy batch's values, column by column, continuing `crc`: which rows
+    a step consumed, in which order, whatever the columns."""
+    for name in sorted(rows):
+        column = rows[name]
+        if column.dtype != object:
+            crc = zlib.crc32(np.ascontiguousarray(column).tobytes(), crc)
+            continue
+        for value in column:
+            if value is None:
+                value = b"\0"
+            elif isinstance(value, str):
+                value = value.encode()
+            elif not isinstance(value, bytes):
+                value = np.ascontiguousarray(value).tobytes()
+            crc = zlib.crc32(value, crc)
+    return crc
+
+
+def save_rank_state(folder: Path, rank: int, order: list) -> None:
+    """What only this rank knows, beside the engine's checkpoint (Ray Train merges every
+    rank's folder into one): its data order so far, and its random state, from which
+    dropout draws (restarting it from the seed would make the resumed steps differ)."""
+    from safetensors.torch import save_file
+
+    random_state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        random_state["cuda"] = torch.cuda.get_rng_state()
+    save_file(random_state, str(folder / f"rng.{rank}.safetensors"))
+    (folder / f"data_order.{rank}.json").write_text(json.dumps(order))
+
+
+def load_rank_state(folder: Path, rank: int) -> list:
+    """Restore this rank's random state; its data order up to the checkpoint (empty
+    for a checkpoint written before ranks kept them: it resumes from the seed's state)."""
+    from safetensors.torch import load_file
+
+    if not (folder / f"rng.{rank}.safetensors").is_file():
+        return []
+    random_state = load_file(str(folder / f"rng.{rank}.safetensors"))
+    torch.set_rng_state(random_state["cpu"])
+    if "cuda" in random_state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(random_state["cuda"])
+    return json.loads((folder / f"data_order.{rank}.json").read_text())

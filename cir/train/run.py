@@ -7,6 +7,12 @@ holds the frozen vision tower's embeddings of the benchmark images the stages us
 (`cir.train.features`), shared by stages, reruns and runs on the same images and tower. A stage whose export exists is done;
 re-running the job with the same name resumes the first unfinished stage from its
 latest checkpoint.
+
+Faults: Ray Train restarts a stage whose worker died or raised up to `run.max_failures`
+times, each time from its latest checkpoint (the steps since it are computed again, the
+same way); one more failure stops the job with `TrainingStopped`, which names the
+failure and the checkpoint a rerun resumes from. Each stage's `data_order.json` shows
+the steps it restored from and, per rank, each step's rows (`cir.train.loop`).
 """
 from __future__ import annotations
 
@@ -127,10 +133,11 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, init_from: Where | None) -> 
 def fit_stage(cfg, stage, init_from: Where | None, dataset, n_examples: int, val, loop, curve_metrics=(),
               extra: dict | None = None) -> Where:
     """Run `loop` on Ray Train over `dataset` (its "train" dataset, `n_examples` rows)
-    and install the export of its last checkpoint, with `history.json` and `curve.png`
-    beside it. `cfg` has `model`, `run` and `deepspeed` sections; `extra` is added to
-    the loop's config."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    and install the export of its last checkpoint, with `history.json`, `data_order.json`
+    and `curve.png` beside it; `TrainingStopped` when it fails more than
+    `run.max_failures` times. `cfg` has `model`, `run` and `deepspeed` sections; `extra`
+    is added to the loop's config."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     run_dir = run_folder(cfg)
@@ -156,14 +163,74 @@ def fit_stage(cfg, stage, init_from: Where | None, dataset, n_examples: int, val
         datasets={"train": dataset},
         dataset_config=ingest_config(),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise TrainingStopped(stopped_message(cfg, stage, exc, total)) from exc
     with result.checkpoint.as_directory() as folder:
         _install(Path(folder) / "export", export)
         history = json.loads((Path(folder) / "history.json").read_text())
+        order = data_order(Path(folder))
     write_json_atomic(stage_dir / "history.json", history, sort_keys=False)
+    write_json_atomic(stage_dir / "data_order.json", order, indent=None, sort_keys=False)
+    if order["restored_from"]:
+        log(f"stage {stage.name}: restored from the checkpoints of steps {order['restored_from']}")
     plot_curve(history, stage_dir / "curve.png", f"{cfg.run.name} / {stage.name}", curve_metrics)
     log(f"stage {stage.name}: exported to {export}")
     return export
+
+
+class TrainingStopped(RuntimeError):
+    """A stage failed more often than `run.max_failures` allows (or with an error Ray
+    Train does not retry). Its checkpoints stay: rerunning the job with the same run
+    name resumes from the latest."""
+
+
+def latest_checkpoint_step(cfg, stage) -> int | None:
+    """The step of a stage's latest checkpoint that Ray Train registered (what a rerun
+    resumes from), or None when it has none."""
+    from ray.train import Result
+
+    storage = train_storage(run_folder(cfg) / stage.name)
+    try:
+        result = Result.from_path(storage["storage_path"], storage.get("storage_filesystem"))
+    except RuntimeError:            # no run folder, or no checkpoint registered in it
+        return None
+    return result.metrics["step"] if result.checkpoint is not None else None
+
+
+def stopped_message(cfg, stage, exc, total: int) -> str:
+    """What failed, and what a rerun does about it."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    what = "; ".join(f"rank {rank}: {_describe(error)}" for rank, error in sorted(failures.items())) \
+        or _describe(getattr(exc, "controller_failure", exc))
+    step = latest_checkpoint_step(cfg, stage)
+    if step is None:
+        rerun = (f"It had written no checkpoint yet (run.checkpoint_every={cfg.run.checkpoint_every}): "
+                 "rerunning the same command starts it from step 0")
+    else:
+        rerun = (f"Its latest checkpoint is step {step} of {total}: rerunning the same command (run name "
+                 f"{cfg.run.name!r}) resumes from checkpoint step {step}, and no step is lost or repeated")
+    return (f"stage {stage.name!r} failed and Ray Train restarts it no more "
+            f"(run.max_failures={cfg.run.max_failures}): {what}. {rerun}.")
+
+
+def _describe(error: BaseException) -> str:
+    """`Type: first line`, and what a failed health check of Ray Train found (a dead
+    worker's ActorDiedError, under a message that says only that the check failed)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0].rstrip('.') if lines else '(no message)'}"
+    found = getattr(error, "health_check_failure", None)
+    return f"{text} ({_describe(found)})" if found is not None else text
+
+
+def data_order(checkpoint: Path) -> dict:
+    """The steps a stage restored from and each rank's [step, rows' CRC-32] list, out
+    of its final checkpoint."""
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    ranks = sorted(int(p.name.split(".")[1]) for p in checkpoint.glob("data_order.*.json"))
+    return {"restored_from": state.get("restored_from", []),
+            "steps": {str(r): json.loads((checkpoint / f"data_order.{r}.json").read_text()) for r in ranks}}
 
 
 def train_storage(run_dir: Where) -> dict:
