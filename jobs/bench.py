@@ -22,7 +22,7 @@ index:  the index the index job picks for --index-size clustered vectors within
 serve:  p50/p99 latency and throughput of the search app's POST /search (serve/) on
         --serve-vectors gallery vectors in 2 shards, at concurrency 1 and 8 over loopback,
         against the same encoder + FAISS search called in this process.
-load:   --load-seconds of searches at concurrency 8: every status and each replica's
+load:   --load-seconds of searches at concurrency 16: every status and each replica's
         memory growth after a warm-up.
 direction: the quality filter's direction score on a synth output's texts, for their own
         pair and for another pair's (is the encoder's text tower informative?).
