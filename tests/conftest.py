@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,11 +253,13 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-@pytest.fixture(scope="module")
-def served_app(search_index, tmp_path_factory):
-    """The search app of serve/ under `serve.run`, on a free loopback port. Per module:
-    its replicas hold 1.25 of the session's 2 CPUs, which later modules' Ray Data and
-    Ray Train jobs need back."""
+# The search app of serve/, shared by the modules that use `served_app` (the test_serve*
+# modules, which run one after another): "app" is its ServedApp while it runs.
+_search_app: dict = {}
+_SERVED_MODULES: set = set()       # the modules with a test that uses `served_app`
+
+
+def _start_search_app(search_index, upload_dir: Path) -> ServedApp:
     import pyarrow.parquet as pq
     from ray import serve
 
@@ -267,7 +271,96 @@ def served_app(search_index, tmp_path_factory):
     settings = ServeSettings(index=search_index.output, shards=search_index.shards)
     serve.run(build_app(settings), name="cir-search", route_prefix="/")
     gallery = pq.read_table(search_index.gallery, columns=["image_id", "image"])
-    image_path = tmp_path_factory.mktemp("upload") / "reference.png"
+    image_path = upload_dir / "reference.png"
     image_path.write_bytes(gallery.column("image")[0].as_py())
-    yield ServedApp(f"http://127.0.0.1:{port}", image_path, gallery.column("image_id").to_pylist(), settings)
-    serve.shutdown()
+    return ServedApp(f"http://127.0.0.1:{port}", image_path, gallery.column("image_id").to_pylist(), settings)
+
+
+def _wait_until_healthy(app: ServedApp, timeout_s: float = 60) -> None:
+    """A module may leave the app recovering (test_serve_faults kills its replicas):
+    the next one gets it once /healthz answers 200 again."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{app.url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the shared search app at {app.url} is not healthy {timeout_s:.0f} s after the last module")
+        time.sleep(0.5)
+
+
+def _stop_search_app() -> None:
+    if _search_app.pop("app", None) is not None:
+        from ray import serve
+
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served_app(search_index, tmp_path_factory):
+    """The search app of serve/ under `serve.run`, on a free loopback port. Started by the
+    first module that asks and kept for the next ones that do (an app start is ~20 s);
+    stopped before the first test of a module that does not (`pytest_runtest_setup`):
+    its replicas hold 1.25 of the session's 2 CPUs, which Ray Data and Ray Train need back."""
+    if "app" in _search_app:
+        _wait_until_healthy(_search_app["app"])
+    else:
+        _search_app["app"] = _start_search_app(search_index, tmp_path_factory.mktemp("upload"))
+    return _search_app["app"]
+
+
+def pytest_collection_modifyitems(items):
+    _SERVED_MODULES.update(item.module.__name__ for item in items if "served_app" in item.fixturenames)
+
+
+_last_module: list = [None]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Between modules: stop the shared search app unless this module uses it, then make
+    sure that the session's Ray has all its CPUs free for the module's tests."""
+    module = item.module.__name__
+    if module == _last_module[0]:
+        return
+    _last_module[0] = module
+    if module not in _SERVED_MODULES:
+        _stop_search_app()
+    if "app" not in _search_app and "ray_session" in item.fixturenames:
+        _wait_for_idle_ray(module)
+
+
+def _wait_for_idle_ray(module: str, timeout_s: float = 30) -> None:
+    """Fail the module's first test, naming what holds them, when the session's Ray has
+    CPUs busy that no test runs on: a leaked actor made every later training job wait for
+    ever (a 2-worker run needs both CPUs), and the whole suite overran CI's limit."""
+    import gc
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    deadline = time.monotonic() + timeout_s
+    collected = False
+    while True:
+        total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
+        if free >= total:
+            return
+        if not collected:
+            # A failed Ray Data stage leaves its actors to reference counting, and the
+            # error's traceback (a reference cycle) holds their handles until a collection.
+            gc.collect()
+            collected = True
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    from ray.util.state import list_actors
+
+    holders = [f"{a.class_name} (pid {a.pid})" for a in list_actors(
+        address=ray.get_runtime_context().gcs_address, detail=True, filters=[("state", "=", "ALIVE")])
+        if (a.required_resources or {}).get("CPU")]
+    pytest.fail(f"{free:g} of the session Ray's {total:g} CPUs are free {timeout_s:.0f} s after the module "
+                f"before {module} ended; held by {', '.join(holders) or 'tasks or placement groups'}")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -243,6 +244,7 @@ def test_a_block_that_kills_its_actor_every_time_fails_the_stage(ray_session, tm
     -1): with `actor_pool`, the stage fails after 1 + ACTOR_TASK_RETRIES tries, saying so."""
     import ray
     from ray import cloudpickle
+    from ray.util.state import list_actors
 
     from cir.actor_pool import ACTOR_TASK_RETRIES, ActorCrashLoop, actor_pool, explain_actor_deaths
 
@@ -257,6 +259,15 @@ def test_a_block_that_kills_its_actor_every_time_fails_the_stage(ray_session, tm
     finally:
         cloudpickle.unregister_pickle_by_value(module)
     assert tries.read_text().count("try") == 1 + ACTOR_TASK_RETRIES
+    # Ray Data leaves a failed stage's actors to reference counting, and the error's
+    # traceback (a reference cycle) holds their handles: the restarted actor kept a CPU
+    # until a collection, and the next 2-worker training run waited for it for ever.
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while list_actors(address=ray.get_runtime_context().gcs_address,
+                      filters=[("class_name", "=", "MapWorker(MapBatches(CrashOn))"), ("state", "!=", "DEAD")]):
+        assert time.monotonic() < deadline, "the failed stage's actor still holds its CPU"
+        time.sleep(0.2)
 
 
 class SynthJob:
