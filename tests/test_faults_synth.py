@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import shutil
 import signal
@@ -223,11 +222,14 @@ def test_a_killed_encoder_or_generator_actor_loses_and_repeats_nothing(shapes_sy
     assert not (out / GENERATED).exists()
 
 
-class CrashOn:
-    """`map_batches` callable that kills its own actor process on the block holding
-    `poison`, noting each try in the file `tries`."""
+CRASH_LOOP_DRIVER = r"""
+import os, signal, sys
+import ray
+from cir.actor_pool import ActorCrashLoop, actor_pool, explain_actor_deaths
 
-    def __init__(self, poison: int, tries: str):
+class CrashOn:
+    # Kills its own actor process on the block holding `poison`, noting each try.
+    def __init__(self, poison, tries):
         self.poison, self.tries = poison, tries
 
     def __call__(self, batch):
@@ -237,36 +239,40 @@ class CrashOn:
             os.kill(os.getpid(), signal.SIGKILL)
         return batch
 
+ray.init(address=sys.argv[1], log_to_driver=False)
+try:
+    with explain_actor_deaths("embeddings"):
+        ray.data.range(40, override_num_blocks=4).map_batches(
+            CrashOn, fn_constructor_args=(17, sys.argv[2]), batch_size=10, **actor_pool(1)).materialize()
+except ActorCrashLoop as exc:
+    print(f"ActorCrashLoop: {exc}")
+"""
+
 
 @pytest.mark.timeout(300)
 def test_a_block_that_kills_its_actor_every_time_fails_the_stage(ray_session, tmp_path):
     """Ray Data alone would restart the actor and retry the block for ever (max_task_retries
-    -1): with `actor_pool`, the stage fails after 1 + ACTOR_TASK_RETRIES tries, saying so."""
+    -1): with `actor_pool`, the stage fails after 1 + ACTOR_TASK_RETRIES tries, saying so.
+    The stage runs in a driver of its own on the session's Ray, as a job: Ray Data leaves
+    a failed stage's actors to reference counting, and in this process something kept
+    the restarted actor (and its CPU) alive after the test, so that the next 2-worker
+    training run waited for it for ever; a driver's actors go when it exits."""
     import ray
-    from ray import cloudpickle
     from ray.util.state import list_actors
 
-    from cir.actor_pool import ACTOR_TASK_RETRIES, ActorCrashLoop, actor_pool, explain_actor_deaths
+    from cir.actor_pool import ACTOR_TASK_RETRIES
 
     tries = tmp_path / "tries"
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)       # the workers cannot import tests/
-    try:
-        with pytest.raises(ActorCrashLoop, match=f"died on each of the {ACTOR_TASK_RETRIES + 1} tries"):
-            with explain_actor_deaths("embeddings"):
-                ray.data.range(40, override_num_blocks=4).map_batches(
-                    CrashOn, fn_constructor_args=(17, str(tries)), batch_size=10, **actor_pool(1)).materialize()
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.run([sys.executable, "-c", CRASH_LOOP_DRIVER, address, str(tries)], cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    assert f"ActorCrashLoop: embeddings: a Ray Data actor died on each of the {ACTOR_TASK_RETRIES + 1} tries" \
+        in driver.stdout, driver.stdout[-2000:] + driver.stderr[-3000:]
     assert tries.read_text().count("try") == 1 + ACTOR_TASK_RETRIES
-    # Ray Data leaves a failed stage's actors to reference counting, and the error's
-    # traceback (a reference cycle) holds their handles: the restarted actor kept a CPU
-    # until a collection, and the next 2-worker training run waited for it for ever.
-    gc.collect()
     deadline = time.monotonic() + 30
-    while list_actors(address=ray.get_runtime_context().gcs_address,
-                      filters=[("class_name", "=", "MapWorker(MapBatches(CrashOn))"), ("state", "!=", "DEAD")]):
-        assert time.monotonic() < deadline, "the failed stage's actor still holds its CPU"
+    while list_actors(address=address, filters=[("class_name", "=", "MapWorker(MapBatches(CrashOn))"),
+                                                ("state", "!=", "DEAD")]):
+        assert time.monotonic() < deadline, "the failed stage's actor outlived its driver"
         time.sleep(0.2)
 
 
