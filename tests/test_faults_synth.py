@@ -154,9 +154,9 @@ def actor_state(actor_id: str):
     return actor
 
 
-def assert_redone_by_the_restarted_actor(udf: str, killer: ActorKiller) -> int:
-    """The killed actor came back (same actor, new process) and did again some block it
-    held; returns the number of blocks of the stage."""
+def assert_restarted(udf: str, killer: ActorKiller, held_a_block: bool) -> int:
+    """The killed actor came back (same actor, new process), and when it `held_a_block`,
+    did again a block it held; returns the number of blocks of the stage."""
     actor_id, pid, _ = killer.killed
     after = actor_state(actor_id)
     assert after.num_restarts >= 1 and after.pid != pid, f"{udf}: the killed actor was not restarted"
@@ -164,7 +164,7 @@ def assert_redone_by_the_restarted_actor(udf: str, killer: ActorKiller) -> int:
     while True:
         tasks = stage_tasks(udf)
         redone = sum(t.attempt_number > 0 for t in tasks)
-        if redone:
+        if redone or not held_a_block:
             break
         assert time.monotonic() < deadline, f"{udf}: no block was redone after the kill"
         time.sleep(0.5)
@@ -175,8 +175,9 @@ def assert_redone_by_the_restarted_actor(udf: str, killer: ActorKiller) -> int:
 @pytest.mark.timeout(400)
 def test_a_killed_encoder_or_generator_actor_loses_and_repeats_nothing(shapes_synth, tmp_path, monkeypatch):
     """The encoder actor is killed after some blocks, then the generator actor after its
-    first blocks are stored: each is restarted (same actor, new pid), the blocks it held
-    are redone, and the tables equal the undisturbed run's, each image and pair once."""
+    first texts are stored: each is restarted (same actor, new pid), the encoder's blocks
+    it held are redone, and the tables equal the undisturbed run's, each image and pair
+    once."""
     import ray
 
     reference, _ = shapes_synth
@@ -207,9 +208,12 @@ def test_a_killed_encoder_or_generator_actor_loses_and_repeats_nothing(shapes_sy
         summary = SynthRun(make_config(out, generate__batch_size=4)).run()
 
     assert encoder.killed and generator.killed, "a stage finished before its actor was killed"
-    blocks = assert_redone_by_the_restarted_actor("Embedder", encoder)
+    blocks = assert_restarted("Embedder", encoder, held_a_block=True)
     assert encoder.killed[2] < blocks, "the encoder was killed after its last block"
-    assert_redone_by_the_restarted_actor("TemplateGenerator", generator)
+    # The generator is killed once texts are stored, which a write task downstream does:
+    # by then the fast template actor may have finished every block given to it (CI saw
+    # it), and what it held, if anything, is redone.
+    assert_restarted("TemplateGenerator", generator, held_a_block=False)
     assert generator.killed[2] < summary.stages["triplets"].rows, "the generator was killed after its last text"
     print(f"encoder killed after {encoder.killed[2]} of {blocks} blocks, generator after "
           f"{generator.killed[2]} of {summary.stages['triplets'].rows} texts were stored")

@@ -125,9 +125,13 @@ def test_fashioniq_all_categories_encode_each_used_image_once(tmp_path):
 
 
 def _embedder_actors() -> set:
+    import ray
     from ray.util.state import list_actors
 
-    return {a.pid for a in list_actors(limit=10_000) if a.class_name == "MapWorker(MapBatches(Embedder))"}
+    # The session's own Ray: another instance on the machine (a fault test's job) would make
+    # an address-less call refuse to choose.
+    return {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000)
+            if a.class_name == "MapWorker(MapBatches(Embedder))"}
 
 
 def test_the_feature_cache_is_built_by_two_encoder_actors_and_reused(tmp_path, capsys):
