@@ -276,21 +276,21 @@ def _start_search_app(search_index, upload_dir: Path) -> ServedApp:
     return ServedApp(f"http://127.0.0.1:{port}", image_path, gallery.column("image_id").to_pylist(), settings)
 
 
-def _wait_until_healthy(app: ServedApp, timeout_s: float = 60) -> None:
-    """A module may leave the app recovering (test_serve_faults kills its replicas):
-    the next one gets it once /healthz answers 200 again."""
+def wait_until_healthy(url: str, timeout_s: float = 60) -> float:
+    """Seconds until the app's /healthz answers 200 (while replicas recover, the proxy may
+    refuse or hold a request: each try waits 5 s at most)."""
     import httpx
 
-    deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
     while True:
         try:
-            if httpx.get(f"{app.url}/healthz", timeout=5).status_code == 200:
-                return
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return time.monotonic() - t0
         except httpx.HTTPError:
             pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"the shared search app at {app.url} is not healthy {timeout_s:.0f} s after the last module")
-        time.sleep(0.5)
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"healthz 200 at {url}: not within {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 def _stop_search_app() -> None:
@@ -307,7 +307,7 @@ def served_app(search_index, tmp_path_factory):
     stopped before the first test of a module that does not (`pytest_runtest_setup`):
     its replicas hold 1.25 of the session's 2 CPUs, which Ray Data and Ray Train need back."""
     if "app" in _search_app:
-        _wait_until_healthy(_search_app["app"])
+        wait_until_healthy(_search_app["app"].url)      # test_serve_faults kills its replicas
     else:
         _search_app["app"] = _start_search_app(search_index, tmp_path_factory.mktemp("upload"))
     return _search_app["app"]

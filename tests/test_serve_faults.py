@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from cir.serving.bench import http_load, mixed_forms, serve_replicas
+from conftest import wait_until_healthy
 
 K = 10
 CONCURRENCY = 8
@@ -67,10 +68,6 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"{what}: not within {timeout} s")
 
 
-def healthy(url: str) -> bool:
-    return httpx.get(f"{url}/healthz", timeout=60).status_code == 200
-
-
 def replacement(shard: str, old_pid: int):
     pids = serve_replicas().get(shard, [])
     return pids[0] if pids and old_pid not in pids else None
@@ -105,7 +102,7 @@ def test_a_shard_replica_killed_under_load_is_replaced_and_no_answer_is_partial(
         os.kill(old_pid, signal.SIGKILL)
         killed = time.perf_counter()
         new_pid, replaced_s = wait_for(lambda: replacement(shard, old_pid), 60, f"a new {shard} replica")
-        _, healthy_s = wait_for(lambda: healthy(served_app.url), 60, "healthz 200")
+        healthy_s = wait_until_healthy(served_app.url, 60)
     finally:
         clients.join()
     kinds = {}
@@ -153,7 +150,7 @@ def test_a_hung_shard_replica_is_a_503_after_the_request_timeout_and_is_replaced
         # Serve's health checks time out on it (health_check_timeout_s, 3 in a row): it is
         # killed and another started.
         new_pid, _ = wait_for(lambda: replacement(shard, old_pid), 120, f"a new {shard} replica")
-        wait_for(lambda: healthy(served_app.url), 60, "healthz 200")
+        wait_until_healthy(served_app.url, 60)
         recovered_s = time.perf_counter() - hung
     finally:
         try:
