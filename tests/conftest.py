@@ -215,6 +215,17 @@ def trained_shapes_export(ray_session, small_benchmark, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def four_step_export(ray_session, small_benchmark, tmp_path_factory):
+    """(export folder, its TrainConfig) of `trained.four_step_config`."""
+    from trained import four_step_config
+
+    from cir.train.run import run_training
+
+    cfg = four_step_config(tmp_path_factory.mktemp("four-steps"), small_benchmark)
+    return run_training(cfg), cfg
+
+
+@pytest.fixture(scope="session")
 def search_index(trained_shapes_export, small_benchmark, tmp_path_factory):
     """The index job's output over the val gallery of `small_benchmark`, encoded by the
     trained export, in 2 shards."""

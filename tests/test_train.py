@@ -73,7 +73,7 @@ def test_deepspeed_zero2_resumes_after_a_failure_without_lost_or_repeated_steps(
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
 
 
-def test_the_export_is_the_model_as_trained(ray_session, tmp_path, small_benchmark):
+def test_the_export_is_the_model_as_trained(four_step_export, small_benchmark):
     """Reloaded here, the export retrieves as the trained model did in its worker at the
     last step (the engine's flat ZeRO-2 buffers are cloned out), and it is not the
     untrained model."""
@@ -82,13 +82,9 @@ def test_the_export_is_the_model_as_trained(ray_session, tmp_path, small_benchma
     from cir.models.composer import build_composer
     from cir.models.export import load_composer
     from cir.train.loop import evaluate_recall
-    from cir.train.run import build_val, features_folder, run_folder, run_training
+    from cir.train.run import build_val, features_folder, run_folder
 
-    cfg = tiny_config(tmp_path, **{"stages": [{"name": "finetune", "data": {
-        "source": "benchmark", "limit": 128, "benchmark_dir": str(small_benchmark)},
-        "optim": {"lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 16, "max_steps": 4}}]},
-        run__eval_every=4, run__eval_limit=60)
-    export = run_training(cfg)
+    export, cfg = four_step_export
     final = json.loads((run_folder(cfg) / "finetune" / "history.json").read_text())[-1]
     assert final["step"] == 4 and "val_target_cos" in final
     val = build_val(str(small_benchmark), cfg.model.vision, "val", 60, features_folder(cfg))  # the run's

@@ -24,6 +24,14 @@ def tiny_config(tmp_path, **overrides) -> TrainConfig:
     return cfg
 
 
+def four_step_config(tmp_path, benchmark: Path) -> TrainConfig:
+    """4 DeepSpeed steps on 128 examples, one thread a worker, with an evaluation at the
+    last step: test_train checks its export, test_multinode trains it on two nodes."""
+    return tiny_config(tmp_path, run__eval_every=4, run__eval_limit=60, run__torch_threads=1, **{"stages": [{
+        "name": "finetune", "data": {"source": "benchmark", "limit": 128, "benchmark_dir": str(benchmark)},
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "micro_batch_size": 16, "max_steps": 4}}]})
+
+
 def shapes_training_config(tmp_path, benchmark: Path) -> TrainConfig:
     """8 epochs of InfoNCE on the benchmark's train split: enough to learn the edits (val
     recall@10 65% against 5% untrained; 12 epochs give 75% for 30 s more)."""
