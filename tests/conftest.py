@@ -17,6 +17,10 @@ SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Task states reach the state API every 100 ms, not every second: the fault tests find a
+# stage's progress there, and a second's lag let a fast actor finish its stage before it
+# was killed (CI saw it once).
+os.environ.setdefault("RAY_task_events_report_interval_ms", "100")
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cir-ray-"))
 
 

@@ -68,7 +68,8 @@ class ActorKiller:
     API by class name, once `progress(actor_id)` says it has finished some blocks.
 
     On a quiet machine a tiny model gets through all its blocks in well under a second,
-    faster than progress shows (task states reach the state API about a second late), so
+    faster than progress shows (task states reach the state API up to 100 ms late, the
+    session's `RAY_task_events_report_interval_ms`), so
     the actor is braked from the moment it is found: SIGSTOPped, and let run `slice_s` at
     a time, until progress shows. The kill then lands after some blocks and before the
     last on a quiet machine as on a loaded one."""
@@ -203,7 +204,7 @@ def test_a_killed_encoder_or_generator_actor_loses_and_repeats_nothing(shapes_sy
 
     monkeypatch.setattr(triplets, "stored_rows", recording)
 
-    with ActorKiller("Embedder", encoded_blocks, slice_s=0.05) as encoder, \
+    with ActorKiller("Embedder", encoded_blocks, slice_s=0.02) as encoder, \
             ActorKiller("TemplateGenerator", stored_texts, slice_s=0.01) as generator:
         summary = SynthRun(make_config(out, generate__batch_size=4)).run()
 

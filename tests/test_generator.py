@@ -117,7 +117,7 @@ def test_bad_configs_are_refused(tmp_path, small_benchmark):
 def synth_config(output, export, **overrides):
     from cir.synth.config import SynthConfig
 
-    pairs = [("output", str(output)), ("corpus.shapes.n_images", 120), ("encode.model", "cir-shapes"),
+    pairs = [("output", str(output)), ("corpus.shapes.n_images", 200), ("encode.model", "cir-shapes"),
              ("generate.backend", "mtst"), ("generate.batch_size", 32), ("generate.mtst.model", str(export)),
              ("generate.mtst.max_new_tokens", 24), ("filter.min_words", 1), ("filter.max_words", 60),
              ("filter.max_caption_similarity", 1.0)] + list(overrides.items())
@@ -174,13 +174,10 @@ def test_mtst_needs_a_modification_export(generator_run, tmp_path):
 # ------------------------------------------------------- pretraining on synth triplets
 
 @pytest.fixture(scope="module")
-def template_synth(ray_session, tmp_path_factory):
-    """A synth output of caption-based `template` texts over 120 shapes images."""
-    from cir.synth.pipeline import SynthRun
-
-    out = tmp_path_factory.mktemp("template-synth") / "synth"
-    SynthRun(synth_config(out, "", **{"generate.backend": "template"})).run()
-    return out
+def template_synth(shapes_synth):
+    """The session's default synth output: caption-based `template` texts over 200 shapes
+    images."""
+    return shapes_synth[0]
 
 
 def test_synth_triplets_become_examples_with_their_images(template_synth):

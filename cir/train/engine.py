@@ -38,14 +38,27 @@ def deepspeed_config(micro: int, accum: int, world: int, zero_stage: int, precis
 
 
 def require_deepspeed():
-    if not torch.cuda.is_available():
+    cpu = not torch.cuda.is_available()
+    if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed
     except ImportError as exc:
         raise ImportError("deepspeed is not installed: `pip install deepspeed`, or set "
                           "deepspeed.enabled: false to train with plain DDP") from exc
+    if cpu:
+        skip_shared_memory_all_reduce(deepspeed)
     return deepspeed
+
+
+def skip_shared_memory_all_reduce(deepspeed) -> None:
+    """On its CPU accelerator DeepSpeed's comm backend JIT-compiles a shared-memory
+    all-reduce op as it starts (~30 s of C++ on 2 cores, per machine, and again whenever
+    another process built it with other flags: a Ray job's workers do). Only inference
+    all-reduce calls it; training all-reduces through torch.distributed (gloo)."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 class Engine:
