@@ -31,8 +31,8 @@ _ports_lock = threading.Lock()
 
 
 def node_ports(n: int) -> list[int]:
-    """`n` free ports that no other cluster of this process was given: clusters that start
-    side by side would otherwise race for a port one picked and has not bound yet."""
+    """`n` free ports that no other node of this process was given: nodes that start side
+    by side would otherwise race for a port one picked and has not bound yet."""
     with _ports_lock:
         while True:
             ports = free_ports(n)
@@ -60,9 +60,6 @@ class LocalRayCluster:
                             HEAD_PORT_FLAGS + NODE_PORT_FLAGS, num_cpus, resources)
         self.gcs_address = f"127.0.0.1:{ports['port']}"
         self.dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
-
-    def add_node(self, num_cpus: int, resources: dict | None = None) -> None:
-        self.add_nodes([(num_cpus, resources)])
 
     def add_nodes(self, nodes: list[tuple[int, dict | None]]) -> None:
         """Worker nodes, (num_cpus, resources) each, their `ray start`s side by side."""
