@@ -68,11 +68,11 @@ class ActorKiller:
     API by class name, once `progress(actor_id)` says it has finished some blocks.
 
     On a quiet machine a tiny model gets through all its blocks in well under a second,
-    faster than progress shows (task states reach the state API up to 100 ms late, the
-    session's `RAY_task_events_report_interval_ms`), so
-    the actor is braked from the moment it is found: SIGSTOPped, and let run `slice_s` at
-    a time, until progress shows. The kill then lands after some blocks and before the
-    last on a quiet machine as on a loaded one."""
+    faster than progress shows (task states reach the state API up to 100 ms late: the
+    session's `RAY_task_events_report_interval_ms`), so the actor is braked from the
+    moment it is found: SIGSTOPped, and let run `slice_s` at a time, until progress
+    shows. The kill then lands after some blocks and before the last on a quiet machine
+    as on a loaded one."""
 
     def __init__(self, udf: str, progress, slice_s: float):
         self.class_name = f"MapWorker(MapBatches({udf}))"
