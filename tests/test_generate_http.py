@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from chat_server import ChatServer
-from cir.config import load_config
+from conftest import copy_mined, shapes_synth_config
 from cir.generate.base import INPUT_COLUMNS
 from cir.generate.http import EndpointError, HttpBackend, HttpOptions
 from cir.generate.parse import parse_texts
@@ -24,7 +24,6 @@ from cir.synth.config import SynthConfig
 from cir.synth.pipeline import SynthRun
 from tiny_llm import MODIFY_TEXTS, REVERSE_ANSWER
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny-chat"
 # Ray workers get the environment of the process that started Ray, so a variable set
 # later (monkeypatch) would reach the driver only: the key is set before any test
@@ -176,24 +175,27 @@ def test_validate_names_the_variable_never_the_key(monkeypatch):
 
 # -- the synth job end to end -----------------------------------------------------------
 def synth_config(output, url, **overrides) -> SynthConfig:
-    pairs = {"output": str(output), "corpus.shapes.n_images": 24, "mine.max_pairs_per_image": 1,
-             "generate.backend": "http", "generate.batch_size": 8, "generate.http.url": url,
-             "generate.http.model": MODEL, "generate.http.api_key_env": KEY_ENV,
-             "generate.http.max_retries": 2, "generate.http.base_retry_wait_time_in_s": 0.05, **overrides}
-    return load_config(SynthConfig, REPO / "configs" / "local.yaml", list(pairs.items()))
+    """The session's default synth settings (`shapes_synth`) with the `http` backend on
+    16 of their pairs."""
+    return shapes_synth_config(output, generate__max_pairs=16, generate__backend="http", generate__batch_size=8,
+                               generate__http__url=url, generate__http__model=MODEL,
+                               generate__http__api_key_env=KEY_ENV, generate__http__max_retries=2,
+                               generate__http__base_retry_wait_time_in_s=0.05, **overrides)
 
 
 @pytest.fixture(scope="module")
-def synth_run(ray_session, module_server, tmp_path_factory):
+def synth_run(shapes_synth, module_server, tmp_path_factory):
+    """(output, summary, requests the server got) of the triplets stage with the `http`
+    backend over the session's corpus and pairs."""
     module_server.reset(key=KEY)
-    out = tmp_path_factory.mktemp("synth-http") / "out"
+    out = copy_mined(shapes_synth[0], tmp_path_factory.mktemp("synth-http") / "out")
     summary = SynthRun(synth_config(out, module_server.url)).run()
+    assert [name for name, r in summary.stages.items() if not r.skipped] == ["triplets"]
     requests = module_server.requests
     module_server.reset()
     return out, summary, requests
 
 
-@pytest.mark.slow     # the synth_run fixture: ~40 s on 2 cores, once
 def test_synth_run_writes_triplets_and_resumes(synth_run, server):
     out, summary, requests = synth_run
     triplets = read_table(out / "triplets")
@@ -212,7 +214,6 @@ def test_synth_run_writes_triplets_and_resumes(synth_run, server):
     assert server.requests == 1           # only check_cluster's request
 
 
-@pytest.mark.slow     # the synth_run fixture: ~40 s on 2 cores, once
 def test_the_key_is_written_nowhere(synth_run):
     import ray
 
@@ -224,7 +225,6 @@ def test_the_key_is_written_nowhere(synth_run):
     assert KEY_ENV not in (out / "triplets" / "_SUCCESS.json").read_text()
 
 
-@pytest.mark.slow     # the synth_run fixture: ~40 s on 2 cores, once
 def test_a_server_that_goes_down_leaves_no_triplets(synth_run, chat_model, tmp_path):
     out, _, _ = synth_run
     copy = tmp_path / "out"

@@ -6,9 +6,10 @@ stage is then the same for all of them:
 
     pairs -> generate(modify prompt) -> [generate(reverse prompt)] -> PairTexts
 
-`PairTexts` parses each answer into up to `texts_per_pair` texts (`cir.generate.parse`)
-and writes one candidate row per text (`base.candidate_rows`). A pair whose answer holds no text gives one row with an
-empty text, so that the quality filter (`cir.generate.quality`) counts it.
+`PairTexts` (Ray Data tasks: it holds no model) parses each answer into up to
+`texts_per_pair` texts (`cir.generate.parse`) and writes one candidate row per text
+(`base.candidate_rows`). A pair whose answer holds no text gives one row with an empty
+text, so that the quality filter (`cir.generate.quality`) counts it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from cir.generate.prompting import ChatPrompt, load_prompt
 from cir.generate.quality import normalise
 
 MAX_TEXTS_PER_PAIR = 16
+# CPUs of a task that parses a batch of answers (no model: a fraction of a core).
+PARSE_CPUS = 0.25
 
 
 @dataclass
@@ -126,11 +129,19 @@ class LLMBackend(Backend):
     def apply(self, pairs):
         schema = pairs.schema().base_schema      # known without running: the pairs are in memory
         tasks = self.tasks()
+        # Tasks, not an actor: parsing holds no model, and an actor would hold its CPU while
+        # idle (beside the generator's and the filter's actors, a 2-CPU node had none left
+        # for the generator's own row maps, and the stage waited for ever).
         return self.generate_all(pairs, tasks, list(schema.names)).map_batches(
-            PairTexts, batch_size=self.batch_size, batch_format="pyarrow",
-            fn_constructor_kwargs={"texts_per_pair": self.task.texts_per_pair, "generator": self.generator_id(),
-                                   "source": self.source, "pair_schema": schema,
-                                   "budgets": {t.output: t.max_new_tokens for t in tasks}})
+            pair_texts, batch_size=self.batch_size, batch_format="pyarrow", num_cpus=PARSE_CPUS,
+            fn_kwargs={"texts_per_pair": self.task.texts_per_pair, "generator": self.generator_id(),
+                       "source": self.source, "pair_schema": schema,
+                       "budgets": {t.output: t.max_new_tokens for t in tasks}})
+
+
+def pair_texts(batch: pa.Table, **settings) -> pa.Table:
+    """`map_batches` function: `PairTexts(**settings)` over one batch."""
+    return PairTexts(**settings)(batch)
 
 
 class PairTexts:
