@@ -221,18 +221,21 @@ def test_synth_refuses_vllm_on_a_cpu_cluster_before_writing(ray_session, tmp_pat
     assert not out.exists() or not [p.name for p in out.iterdir() if any(s in p.name for s in STAGES)]
 
 
-@pytest.mark.slow     # ~40 s on 2 idle cores: the whole synth job
-def test_synth_with_a_faked_engine_filters_and_writes_triplets(ray_session, monkeypatch, tmp_path):
-    # The whole job past the cluster check, with the direction check on (the shipped
-    # cir-shapes encoder has a trained text tower): the pipeline's columns survive vLLM's.
+def test_synth_with_a_faked_engine_filters_and_writes_triplets(shapes_synth, monkeypatch, tmp_path):
+    # The job's triplets stage past the cluster check, over the session's corpus and pairs,
+    # with the direction check on (the shipped cir-shapes encoder has a trained text
+    # tower): the pipeline's columns survive vLLM's.
     import ray.data.llm
+
+    from conftest import copy_mined
 
     monkeypatch.setattr(ray.data.llm, "build_processor", fake_build_processor)
     monkeypatch.setattr(VLLMBackend, "check_cluster", lambda self: None)
-    out = tmp_path / "out"
+    out = copy_mined(shapes_synth[0], tmp_path / "out")
     cfg = make_config(out, generate__backend="vllm", generate__vllm__model_source=QWEN, generate__batch_size=64,
                       generate__options__texts_per_pair=2, filter__min_direction_score=-1.0)
     summary = SynthRun(cfg).run()
+    assert [name for name, r in summary.stages.items() if not r.skipped] == ["triplets"]
     counts = summary.stages["triplets"].extra["filter"]
     pairs_n = summary.stages["pairs"].rows
     assert counts["candidates"] == 2 * pairs_n and counts["kept"] > 0
