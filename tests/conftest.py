@@ -230,6 +230,19 @@ def four_step_export(ray_session, small_benchmark, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def shapes_index(ray_session, tmp_path_factory):
+    """(IndexJobConfig, results) of the index job over a 60-image shapes corpus in 2
+    shards: test_index_job checks it, test_multinode compares a cluster's run with it."""
+    from cir.data.shapes_corpus import write_corpus
+    from cir.index.job import IndexJobConfig, IndexRun
+
+    root = tmp_path_factory.mktemp("index-job")
+    corpus = write_corpus(root / "corpus", 60, seed=7, image_size=64)
+    cfg = IndexJobConfig(gallery=str(corpus), output=str(root / "out"), shards=2)
+    return cfg, IndexRun(cfg).run()
+
+
+@pytest.fixture(scope="session")
 def search_index(trained_shapes_export, small_benchmark, tmp_path_factory):
     """The index job's output over the val gallery of `small_benchmark`, encoded by the
     trained export, in 2 shards."""

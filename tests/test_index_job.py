@@ -17,18 +17,8 @@ from cir.index.search import ShardedIndex
 from cir.outputs import read_table
 
 
-@pytest.fixture(scope="module")
-def index_run(ray_session, tmp_path_factory):
-    from cir.data.shapes_corpus import write_corpus
-
-    root = tmp_path_factory.mktemp("index-job")
-    corpus = write_corpus(root / "corpus", 60, seed=7, image_size=64)
-    cfg = IndexJobConfig(gallery=str(corpus), output=str(root / "out"), shards=2)
-    return cfg, IndexRun(cfg).run()
-
-
-def test_index_job_writes_a_searchable_sharded_index(index_run):
-    cfg, results = index_run
+def test_index_job_writes_a_searchable_sharded_index(shapes_index):
+    cfg, results = shapes_index
     folder = f"{cfg.output}/index"
     manifest = read_manifest(folder)
     assert manifest["rows"] == 60 and len(manifest["shards"]) == 2 and results["index"]["shard_rows"] == \
@@ -41,21 +31,21 @@ def test_index_job_writes_a_searchable_sharded_index(index_run):
         assert image_id in top[scores >= scores[0] - 1e-6]     # itself, or an identical image
 
 
-def test_gallery_table_has_metadata_and_thumbnails(index_run):
+def test_gallery_table_has_metadata_and_thumbnails(shapes_index):
     from PIL import Image
     import io
 
-    cfg, _ = index_run
+    cfg, _ = shapes_index
     gallery = read_table(f"{cfg.output}/gallery")
     assert gallery.num_rows == 60 and gallery.column("caption").null_count == 0
     thumb = Image.open(io.BytesIO(gallery.column("thumbnail")[0].as_py()))
     assert thumb.format == "JPEG" and max(thumb.size) <= cfg.thumbnail_size
 
 
-def test_rerun_resumes_and_changed_settings_are_refused(index_run):
+def test_rerun_resumes_and_changed_settings_are_refused(shapes_index):
     from cir.outputs import StageConfigMismatch
 
-    cfg, _ = index_run
+    cfg, _ = shapes_index
     again = IndexRun(cfg).run()
     assert all(r["skipped"] for r in again.values())
     with pytest.raises(StageConfigMismatch):
@@ -82,21 +72,21 @@ def read_table_stub():
     return pa.table({"image_id": pa.array([], pa.string()), "image": pa.array([], pa.binary())})
 
 
-def test_the_job_scripts_flags_reach_the_config(index_run):
+def test_the_job_scripts_flags_reach_the_config(shapes_index):
     from conftest import load_job
 
     job = load_job("index")
-    cfg = job.build_config(job.parse_args(["--gallery", index_run[0].gallery, "--shards", "3",
+    cfg = job.build_config(job.parse_args(["--gallery", shapes_index[0].gallery, "--shards", "3",
                                            "--set", "index.kind=flat"]))
     assert (cfg.shards, cfg.index.kind, cfg.encoder) == (3, "flat", "cir-shapes")
 
 
-def test_each_shard_task_reads_only_its_partition(index_run, tmp_path):
+def test_each_shard_task_reads_only_its_partition(shapes_index, tmp_path):
     from cir.index.build import shard_of
     from cir.index.job import partition_by_shard, rows_in
     from cir.outputs import parquet_files
 
-    cfg, _ = index_run
+    cfg, _ = shapes_index
     manifest = read_manifest(f"{cfg.output}/index")
     parts = partition_by_shard([str(f) for f in parquet_files(Path(cfg.output, "embeddings"))], 2, tmp_path / "p")
     assert [rows_in(files) for files in parts] == [s["rows"] for s in manifest["shards"]]
@@ -108,8 +98,8 @@ def test_each_shard_task_reads_only_its_partition(index_run, tmp_path):
         ["manifest.json", "_SUCCESS.json"] + [f for s in manifest["shards"] for f in (s["index"], s["ids"])])
 
 
-def test_empty_shards_and_a_too_small_budget_are_refused_before_any_shard_is_built(index_run, tmp_path):
-    cfg, _ = index_run
+def test_empty_shards_and_a_too_small_budget_are_refused_before_any_shard_is_built(shapes_index, tmp_path):
+    cfg, _ = shapes_index
     out = tmp_path / "out"
     shutil.copytree(Path(cfg.output, "embeddings"), out / "embeddings")       # reused, not recomputed
     too_small = r"of dim 128 needs at least [\d.]+ MiB \(Flat\), over index.memory_budget_mb=0.01"
@@ -132,14 +122,13 @@ def _search_copy(src, local: Path, vectors):
     return ShardedIndex.load(index).search(vectors, 5)
 
 
-def test_index_job_on_a_filesystem_that_is_not_the_local_disk(index_run, tmp_path, monkeypatch):
+def test_index_job_on_a_filesystem_that_is_not_the_local_disk(shapes_index, tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 
     from cir.outputs import SUCCESS
     from cir.storage import resolve
-    from serve.settings import ServeSettings
 
-    cfg, results = index_run
+    cfg, results = shapes_index
     monkeypatch.chdir(tmp_path)
     fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
     remote = IndexJobConfig(gallery=cfg.gallery, output="runs/index", shards=2)
@@ -159,7 +148,7 @@ def test_index_job_on_a_filesystem_that_is_not_the_local_disk(index_run, tmp_pat
     assert all(r["skipped"] for r in IndexRun(remote, filesystem=fs).run().values())
 
 
-def test_index_job_on_s3_from_a_gallery_on_s3(s3_uri, index_run, tmp_path, monkeypatch):
+def test_index_job_on_s3_from_a_gallery_on_s3(s3_uri, shapes_index, tmp_path, monkeypatch):
     """The index job reads its gallery from a bucket and writes there; serving's settings
     take the bucket's URI and search a local copy made once (this node's cache)."""
     import pyarrow.fs as pafs
@@ -169,7 +158,7 @@ def test_index_job_on_s3_from_a_gallery_on_s3(s3_uri, index_run, tmp_path, monke
     from serve.settings import ServeSettings
 
     uri = s3_uri
-    cfg, results = index_run
+    cfg, results = shapes_index
     gallery = resolve(uri_child(uri, "gallery"))
     gallery.mkdir()
     pafs.copy_files(cfg.gallery, gallery.path, source_filesystem=pafs.LocalFileSystem(),

@@ -5,13 +5,14 @@ that only the jobs' drivers run there, and two 2-CPU workers told apart by a cus
 resource. Each job is submitted with `ray job submit` and writes to a folder outside
 every node's working directory (a job's working dir is a per-job copy). Its outputs
 must equal what the same settings write on the test session's one-node Ray (the
-session's runs, `shapes_synth` and `four_step_export`, and an index built here): same
-ids, same triplets, the same training losses and weights, the same index. Ray's state
-API says which node ran each task and actor; every job must have used both workers.
+session's runs `shapes_synth`, `four_step_export` and `shapes_index`): same ids, same
+triplets, the same training losses and weights, the same index. Ray's state API says
+which node ran each task and actor; every job must have used both workers.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,22 +30,27 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def synth_command(out: Path) -> list[str]:
-    # `shapes_synth`'s settings, with an encoder actor on each worker node.
+    # `shapes_synth`'s settings, with two encoder actors.
     return ["python", "jobs/synth.py", "--output", str(out), "--set", "corpus.shapes.n_images=200",
             "--set", "encode.num_actors=2"]
 
 
 def train_command(reference_cfg, storage: Path) -> list[str]:
     """`four_step_export`'s config with the run under `storage`. A worker asks for a whole
-    2-CPU node, so the two workers are on two nodes (each one thread, as on one node)."""
-    run = replace(reference_cfg.run, storage=str(storage), cpus_per_worker=2)
+    2-CPU node, so the two workers are on two nodes (each one thread, as on one node).
+    The run starts with the reference run's feature cache (~17 s of encoding on the
+    cluster): the synth and index jobs spread the same encoder over the nodes."""
+    from cir.train.run import features_folder
+
+    cfg = replace(reference_cfg, run=replace(reference_cfg.run, storage=str(storage), cpus_per_worker=2))
+    shutil.copytree(features_folder(reference_cfg), features_folder(cfg))
     config = storage.parent / "train.yaml"
-    config.write_text(yaml.safe_dump(asdict(replace(reference_cfg, run=run))))
+    config.write_text(yaml.safe_dump(asdict(cfg)))
     return ["python", "jobs/train.py", "--config", str(config)]
 
 
-def index_command(gallery: Path, out: Path) -> list[str]:
-    # `one_node_index`'s settings, with an encoder actor on each worker node.
+def index_command(gallery: str, out: Path) -> list[str]:
+    # `shapes_index`'s settings, with two encoder actors.
     return ["python", "jobs/index.py", "--gallery", str(gallery), "--output", str(out), "--shards", "2",
             "--set", "encode.num_actors=2"]
 
@@ -54,7 +60,7 @@ THREE_NODES = [(0, None), (2, {"worker_a": 1}), (2, {"worker_b": 1})]
 
 
 @pytest.fixture(scope="module")
-def three_node_run(tmp_path_factory, four_step_export):
+def three_node_run(tmp_path_factory, four_step_export, shapes_index):
     """(root, {job: (seconds, {work: node ids})}, node names) of the three jobs, submitted
     one after another to the three-node cluster."""
     cluster, root = LocalRayCluster(), tmp_path_factory.mktemp("multinode")
@@ -67,7 +73,7 @@ def three_node_run(tmp_path_factory, four_step_export):
         report = {}
         for job, command in (("synth", synth_command(root / "synth")),
                              ("train", train_command(four_step_export[1], root / "runs")),
-                             ("index", index_command(root / "synth", root / "index"))):
+                             ("index", index_command(shapes_index[0].gallery, root / "index"))):
             t0 = time.perf_counter()
             submission, log = cluster.submit(command, REPO)
             assert "succeeded" in log, log[-3000:]
@@ -75,17 +81,6 @@ def three_node_run(tmp_path_factory, four_step_export):
         return root, report, cluster.node_names()
     finally:
         cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def one_node_index(shapes_synth, tmp_path_factory) -> Path:
-    """The index job's output over `shapes_synth`'s corpus in 2 shards, on the session's
-    Ray (one encoder actor: two and the thumbnailer would wait for each other's CPUs)."""
-    from cir.index.job import IndexJobConfig, IndexRun
-
-    out = tmp_path_factory.mktemp("onenode") / "index"
-    IndexRun(IndexJobConfig(gallery=str(shapes_synth[0]), output=str(out), shards=2)).run()
-    return out
 
 
 def test_every_job_spreads_its_work_over_both_workers(three_node_run):
@@ -135,9 +130,9 @@ def test_training_equals_a_single_node_run_and_its_export_loads(three_node_run, 
         np.testing.assert_allclose(weights.numpy(), trained[1][name].numpy(), atol=1e-5, err_msg=name)
 
 
-def test_index_equals_a_single_node_run(three_node_run, one_node_index):
-    manifests = [json.loads((folder / "index" / "manifest.json").read_text())
-                 for folder in (three_node_run[0] / "index", one_node_index)]
+def test_index_equals_a_single_node_run(three_node_run, shapes_index):
+    manifests = [json.loads((Path(folder) / "index" / "manifest.json").read_text())
+                 for folder in (three_node_run[0] / "index", shapes_index[0].output)]
     shards = [[(s["rows"], s["sha256"]) for s in m["shards"]] for m in manifests]
     assert len(shards[0]) == 2 and all(rows for rows, _ in shards[0])
     assert shards[0] == shards[1], "the shards' ids or FAISS files differ from the single-node run's"
