@@ -21,7 +21,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # stage's progress there, and a second's lag let a fast actor finish its stage before it
 # was killed (CI saw it once).
 os.environ.setdefault("RAY_task_events_report_interval_ms", "100")
-os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="cir-ray-"))
+# The session Ray's logs (~50 MB a run) go to a folder of their own, removed when every
+# test passed and kept, for its worker logs, when one failed.
+_OWN_RAY_TMPDIR = "RAY_TMPDIR" not in os.environ
+if _OWN_RAY_TMPDIR:
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cir-ray-")
 
 
 def load_job(name: str):
@@ -140,6 +144,11 @@ def _stop_moto_s3() -> str:
 def pytest_configure(config):
     if not os.environ.get("CIR_TEST_S3_URI"):
         _start_moto_s3()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_RAY_TMPDIR and exitstatus == 0:          # the session's Ray is shut down by now
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 def pytest_unconfigure(config):
